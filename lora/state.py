@@ -1,0 +1,87 @@
+"""The one in-memory form of a LoRA adapter.
+
+A ``LoraState`` maps module names in kohya form (``lora_unet_down_blocks_0_attentions_0_
+transformer_blocks_0_attn1_to_q``, ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``)
+to ``LoraModule`` factors, plus string metadata. Kohya names are what ComfyUI, A1111 and
+diffusers all read, so every reader converts into them and every writer starts from them.
+
+Alpha semantics, stated once for the whole package: the delta a module adds to its base
+weight is ``(alpha / rank) * up @ down``; an absent alpha means ``alpha = rank`` (scale 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoraModule:
+    """Low-rank factors of one target module.
+
+    Attributes:
+        down: ``(r, in)`` for a linear layer, ``(r, in, kh, kw)`` for a conv layer.
+        up: ``(out, r)`` for a linear layer, ``(out, r, 1, 1)`` for a conv layer.
+        alpha: the scale numerator; ``None`` means ``alpha = rank``.
+        mid: optional LoCon/Tucker core ``(r, r, kh, kw)``; then ``down`` is ``(r, in, 1, 1)``.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+    mid: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """Return the rank r (rows of ``down``)."""
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """Return ``alpha / rank`` (1.0 when alpha is absent)."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        """Return True when the factors belong to a conv layer (4-D tensors)."""
+        return self.down.dim() == 4
+
+    def delta(self) -> torch.Tensor:
+        """Return the weight delta ``scale * up @ down`` in float32, shaped like the base weight.
+
+        Raises:
+            ValueError: if the factor shapes do not chain (``up`` columns != ``down`` rows).
+        """
+        down = self.down.float()
+        up = self.up.float()
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"up {tuple(up.shape)} and down {tuple(down.shape)} do not chain: "
+                f"up has {up.shape[1]} columns, down has {down.shape[0]} rows"
+            )
+        if self.mid is not None:
+            # Tucker: contract the core with the 1x1 down and up projections.
+            out = torch.einsum("i j k l, j c, p i -> p c k l", self.mid.float(), down.flatten(1), up.flatten(1))
+            return out * self.scale
+        if not self.is_conv:
+            return (up.flatten(1) @ down) * self.scale
+        kernel = down.shape[2:]
+        flat = up.flatten(1) @ down.flatten(1)
+        return flat.reshape(up.shape[0], down.shape[1], *kernel) * self.scale
+
+
+@dataclass
+class LoraState:
+    """A whole adapter: ``modules`` keyed by kohya module name, and string ``metadata``."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    @property
+    def ranks(self) -> set[int]:
+        """Return the set of ranks used by the modules."""
+        return {m.rank for m in self.modules.values()}
