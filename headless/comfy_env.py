@@ -132,15 +132,51 @@ class ComfyRuntime:
 
 
 _runtime: ComfyRuntime | None = None
+_base: Path | None = None
 
 
-def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None) -> ComfyRuntime:
-    """Import ComfyUI in this process (once) with this pack loaded from ``base/custom_nodes``.
+def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = None) -> Path:
+    """Put ComfyUI on ``sys.path`` and parse its command line (CPU) without loading any nodes.
 
     Args:
         base: the ComfyUI base directory (models, input, output, custom_nodes); defaults to
             ``.cache/comfy_home``. Only the first call's value counts: ComfyUI is a singleton.
         extra_args: more ComfyUI command-line flags.
+
+    Returns:
+        The base directory in use.
+
+    Raises:
+        FileNotFoundError: if no ComfyUI is installed at ``comfyui_path()``.
+    """
+    global _base
+    if _base is not None:
+        return _base
+    path = comfyui_path()
+    if not (path / "comfy" / "sd.py").is_file():
+        raise FileNotFoundError(
+            f"No ComfyUI at {path}. Run scripts/setup.sh (or set COMFYUI_PATH to your ComfyUI folder)."
+        )
+    base = prepare_base_directory(Path(base or CACHE_DIR / "comfy_home").resolve())
+    sys.path.insert(0, str(path))
+    saved_argv = sys.argv
+    # --cpu: these machines have no GPU; a user with one runs their own ComfyUI instead.
+    sys.argv = ["comfyui", "--cpu", "--base-directory", str(base), "--disable-api-nodes", *(extra_args or [])]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses sys.argv now)
+    finally:
+        sys.argv = saved_argv
+    _base = base
+    return base
+
+
+def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None) -> ComfyRuntime:
+    """Import ComfyUI in this process (once) with this pack loaded from ``base/custom_nodes``.
+
+    ComfyUI finds the pack through its own custom-node loading, as in a user's install.
 
     Returns:
         The ``ComfyRuntime``.
@@ -152,32 +188,18 @@ def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None
     global _runtime
     if _runtime is not None:
         return _runtime
-    path = comfyui_path()
-    if not (path / "comfy" / "sd.py").is_file():
-        raise FileNotFoundError(
-            f"No ComfyUI at {path}. Run scripts/setup.sh (or set COMFYUI_PATH to your ComfyUI folder)."
-        )
-    base = prepare_base_directory(Path(base or CACHE_DIR / "comfy_home").resolve())
-    sys.path.insert(0, str(path))
-    saved_argv = sys.argv
-    sys.argv = ["comfyui", "--cpu", "--base-directory", str(base), "--disable-api-nodes", *(extra_args or [])]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses sys.argv now)
-    finally:
-        sys.argv = saved_argv
+    base = import_comfy_core(base, extra_args)
     import execution
     import folder_paths
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    failed = [p for p in nodes.LOADED_MODULE_DIRS.values() if False]
     if not any(k.startswith("LoraWorkbench") for k in nodes.NODE_CLASS_MAPPINGS):
-        raise RuntimeError(f"ComfyUI at {path} did not load LoRA Workbench from {base / 'custom_nodes'}; see its log")
-    del failed
-    _runtime = ComfyRuntime(path, base, {"folder_paths": folder_paths, "nodes": nodes, "execution": execution})
+        raise RuntimeError(
+            f"ComfyUI at {comfyui_path()} did not load LoRA Workbench from {base / 'custom_nodes'}; "
+            "its log above says why"
+        )
+    _runtime = ComfyRuntime(comfyui_path(), base, {"folder_paths": folder_paths, "nodes": nodes, "execution": execution})
     return _runtime
 
 

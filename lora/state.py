@@ -73,10 +73,18 @@ class LoraModule:
 
 @dataclass
 class LoraState:
-    """A whole adapter: ``modules`` keyed by kohya module name, and string ``metadata``."""
+    """A whole adapter: ``modules`` keyed by kohya module name, and string ``metadata``.
+
+    ``extras`` holds raw tensors that are not low-rank factors but belong to the adapter, keyed
+    ``<kohya module name>.<suffix>`` (ComfyUI's ``.diff``/``.diff_b`` full deltas for 1-D parameters such as
+    norms and biases), so they are kept and reported rather than silently dropped. ``source`` names where the
+    state came from (a file path) for error messages; it is not written to files.
+    """
 
     modules: dict[str, LoraModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.modules)

@@ -1,0 +1,1 @@
+"""ComfyUI node classes: thin translators between ComfyUI types and ``lora``/``trainer``."""

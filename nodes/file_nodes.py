@@ -1,0 +1,180 @@
+"""Load LoRA, LoRA Info, Save LoRA and Convert LoRA: files <-> in-graph adapters and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..lora import keys as lora_keys
+from ..lora import metadata as lora_metadata
+from ..lora import safeio
+from .adapter_dict import LoraTensors, metadata_of
+from .files import lora_names, read_lora, resolve_lora_path
+from .patching import key_map_for, load_patches
+from .types import CATEGORY_FILES, LoraModel
+
+FORMATS = ["kohya", "peft"]
+
+
+def _lora_combo(name: str = "lora_name") -> io.Combo.Input:
+    return io.Combo.Input(name, options=lora_names(), tooltip="A LoRA file from models/loras.")
+
+
+def _match_summary(tensors: dict, model, clip) -> str:
+    """Count the weights this LoRA patches on the given MODEL and CLIP, and the keys matching nothing."""
+    patches, unmatched = load_patches(tensors, key_map_for(model, clip))
+    model_keys = set(model.model_state_dict()) if model is not None else set()
+    clip_keys = set(clip.cond_stage_model.state_dict()) if clip is not None else set()
+    names = [k if isinstance(k, str) else k[0] for k in patches]
+    on_model = sum(n in model_keys for n in names)
+    on_clip = sum(n in clip_keys for n in names)
+    lines = [f"matches {on_model} model weights and {on_clip} CLIP weights"]
+    if unmatched:
+        lines.append(f"{len(unmatched)} key(s) match nothing: " + ", ".join(unmatched[:5]))
+    return "\n".join(lines)
+
+
+def format_info(name: str, info: dict) -> str:
+    """Return LoRA Info's text: one ``key: value`` line per described field."""
+    lines = [f"file: {name}"]
+    for key, value in info.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, sort_keys=True)
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+class LoadLoraNode(io.ComfyNode):
+    """A LoRA file -> an in-graph adapter (ComfyUI's LORA_MODEL, with the file's metadata)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraWorkbenchLoad",
+            display_name="Load LoRA as Adapter (LoRA Workbench)",
+            category=CATEGORY_FILES,
+            description="Reads a LoRA file (safetensors) into the graph as a LORA_MODEL that Apply LoRA Stack, "
+            "LoRA Merge, Save LoRA and core Load LoRA Model accept.",
+            inputs=[_lora_combo()],
+            outputs=[LoraModel.Output(display_name="adapter")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name) -> tuple:
+        return safeio.cache_key(resolve_lora_path(lora_name))
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        _, tensors, metadata = read_lora(lora_name)
+        return io.NodeOutput(LoraTensors(tensors, metadata))
+
+
+class LoraInfoNode(io.ComfyNode):
+    """Rank, alpha, base family, trigger words, training settings, and what matches a MODEL/CLIP."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraWorkbenchInfo",
+            display_name="LoRA Info (LoRA Workbench)",
+            category=CATEGORY_FILES,
+            inputs=[_lora_combo(), io.Model.Input("model", optional=True), io.Clip.Input("clip", optional=True)],
+            outputs=[io.String.Output(display_name="info"), io.String.Output(display_name="trigger_words")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora_name, model=None, clip=None) -> io.NodeOutput:
+        _, tensors, metadata = read_lora(lora_name)
+        text = format_info(lora_name, lora_metadata.describe(tensors, metadata))
+        if model is not None or clip is not None:
+            text += "\n" + _match_summary(tensors, model, clip)
+        words = ", ".join(lora_metadata.trigger_words(metadata))
+        return io.NodeOutput(text, words, ui={"text": [text]})
+
+
+def _output_path(filename: str) -> str:
+    """Return the absolute ``models/loras`` path for a user-given file name (no escaping the folder).
+
+    Raises:
+        ValueError: the name is empty or points outside the loras folder.
+    """
+    name = filename.strip()
+    if not name:
+        raise ValueError("Save LoRA: filename is empty")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"Save LoRA: filename '{filename}' points outside the loras folder {root}")
+    return path
+
+
+class SaveLoraNode(io.ComfyNode):
+    """An in-graph adapter -> ``models/loras/<name>.safetensors`` (kohya keys, metadata, atomic write)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraWorkbenchSave",
+            display_name="Save LoRA (LoRA Workbench)",
+            category=CATEGORY_FILES,
+            description="Writes the adapter in the kohya format ComfyUI, A1111 and diffusers load, with its "
+            "metadata (trigger words, rank, alpha, base model, training settings). Never overwrites unless asked.",
+            inputs=[
+                LoraModel.Input("adapter"),
+                io.String.Input("filename", default="lora_workbench/my_lora"),
+                io.String.Input("trigger_words", default="", tooltip="Comma-separated; added to the metadata."),
+                io.Boolean.Input("overwrite", default=False),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, adapter, filename, trigger_words="", overwrite=False) -> io.NodeOutput:
+        path = _output_path(filename)
+        metadata = metadata_of(adapter)
+        state = lora_keys.state_from_dict(dict(adapter), metadata, source="in-graph adapter")
+        words = [w.strip() for w in trigger_words.split(",") if w.strip()]
+        state.metadata.update(lora_metadata.build_metadata(state, trigger_words=words or None, existing=metadata))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        safeio.write_safetensors(path, lora_keys.to_kohya_dict(state), state.metadata, overwrite=overwrite)
+        return io.NodeOutput(path, ui={"text": [path]})
+
+
+class ConvertLoraNode(io.ComfyNode):
+    """A LoRA file -> a file in another key format (kohya or peft/diffusers), metadata kept."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraWorkbenchConvert",
+            display_name="Convert LoRA (LoRA Workbench)",
+            category=CATEGORY_FILES,
+            inputs=[
+                _lora_combo(),
+                io.Combo.Input("format", options=FORMATS, default="kohya"),
+                io.String.Input("filename", default="lora_workbench/converted"),
+                io.Boolean.Input("overwrite", default=False),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora_name, format, filename, overwrite=False) -> io.NodeOutput:
+        path = _output_path(filename)
+        _, tensors, metadata = read_lora(lora_name)
+        state = lora_keys.state_from_dict(tensors, metadata, source=lora_name)
+        if format == "kohya":
+            out, out_metadata = lora_keys.to_kohya_dict(state), state.metadata
+        else:
+            out, out_metadata = lora_keys.to_peft_dict(state)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        safeio.write_safetensors(path, out, out_metadata, overwrite=overwrite)
+        return io.NodeOutput(path, ui={"text": [path]})

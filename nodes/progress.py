@@ -1,0 +1,51 @@
+"""Training progress to ComfyUI: its progress bar, our frontend's live loss curve, and Cancel."""
+
+from __future__ import annotations
+
+import time
+
+import comfy.model_management
+import comfy.utils
+
+PROGRESS_EVENT = "lora_workbench.train_progress"
+DONE_EVENT = "lora_workbench.train_done"
+
+
+def _send(event: str, data: dict) -> None:
+    # Headless runs have no PromptServer instance; the progress bar still works there.
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(event, data, getattr(server, "client_id", None))
+
+
+class TrainingProgress:
+    """Callbacks for ``trainer.loop``: progress bar per step, loss events, Cancel checks."""
+
+    def __init__(self, node_id: str | None, total_steps: int):
+        self.node_id = node_id
+        self.total = total_steps
+        self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+        self.started = time.monotonic()
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        """Move ComfyUI's progress bar and send step, loss, elapsed and remaining seconds to the UI."""
+        self.bar.update_absolute(step, total)
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / max(step, 1) * (total - step)
+        _send(
+            PROGRESS_EVENT,
+            {"node": self.node_id, "step": step, "total": total, "loss": loss, "elapsed": elapsed, "eta": eta},
+        )
+
+    def should_stop(self) -> bool:
+        """Raise ComfyUI's interrupt exception when the user pressed Cancel (the loop saves first)."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return False
+
+    def done(self, steps: int, file: str | None = None) -> None:
+        """Tell the UI the run ended (and which checkpoint file holds it)."""
+        _send(DONE_EVENT, {"node": self.node_id, "file": file, "steps": steps})

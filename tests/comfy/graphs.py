@@ -1,0 +1,67 @@
+"""API-format prompts for the tests, built with ComfyUI's own GraphBuilder."""
+
+from __future__ import annotations
+
+import json
+
+from comfy_execution.graph_utils import GraphBuilder
+
+SAMPLER = dict(seed=7, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+
+
+def rows_json(entries) -> str:
+    """Return a LoRA Stack ``rows`` value for ``[(name, strength_model, strength_clip[, on]), ...]``."""
+    rows = []
+    for entry in entries:
+        name, sm, sc, *rest = entry
+        rows.append({"on": rest[0] if rest else True, "lora": name, "strength": sm, "strength_clip": sc})
+    return json.dumps(rows)
+
+
+def txt2img(ckpt_name: str, patch=None, *, text="a photo of a dog", steps=4, size=64) -> tuple[dict, str]:
+    """Return ``(prompt, sampler_node_id)`` for a 64x64 text-to-image graph.
+
+    ``patch(graph, model_out, clip_out) -> (model_out, clip_out)`` inserts LoRA nodes.
+    """
+    g = GraphBuilder()
+    ckpt = g.node("CheckpointLoaderSimple", id="ckpt", ckpt_name=ckpt_name)
+    model, clip = ckpt.out(0), ckpt.out(1)
+    if patch is not None:
+        model, clip = patch(g, model, clip)
+    pos = g.node("CLIPTextEncode", id="pos", text=text, clip=clip)
+    neg = g.node("CLIPTextEncode", id="neg", text="", clip=clip)
+    latent = g.node("EmptyLatentImage", id="latent", width=size, height=size, batch_size=1)
+    params = dict(SAMPLER, steps=steps)
+    ks = g.node(
+        "KSampler", id="sampler", model=model, positive=pos.out(0), negative=neg.out(0), latent_image=latent.out(0),
+        **params,
+    )
+    g.node("SaveLatent", id="save", samples=ks.out(0), filename_prefix="test/latent")
+    return g.finalize(), "sampler"
+
+
+def core_chain(entries):
+    """A patch function chaining one core LoraLoader per ``(name, strength_model, strength_clip)``."""
+
+    def patch(g, model, clip):
+        for i, (name, sm, sc) in enumerate(entries):
+            node = g.node(
+                "LoraLoader", id=f"core_lora_{i}", model=model, clip=clip, lora_name=name, strength_model=sm,
+                strength_clip=sc,
+            )
+            model, clip = node.out(0), node.out(1)
+        return model, clip
+
+    return patch
+
+
+def our_stack(entries, **apply_inputs):
+    """A patch function: one LoRA Stack node with these rows, then Apply LoRA Stack."""
+
+    def patch(g, model, clip):
+        stack = g.node("LoraWorkbenchStack", id="stack", rows=rows_json(entries))
+        apply = g.node("LoraWorkbenchApplyStack", id="apply", model=model, clip=clip, lora_stack=stack.out(0),
+                       **apply_inputs)
+        return apply.out(0), apply.out(1)
+
+    return patch
