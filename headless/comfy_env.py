@@ -167,6 +167,9 @@ def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = N
 
         comfy.options.enable_args_parsing()
         import comfy.cli_args  # noqa: F401  (parses sys.argv now)
+        # As ComfyUI's main.py does, before `nodes` puts comfy/ first on sys.path, where
+        # comfy/utils.py would otherwise shadow ComfyUI's top-level `utils` package.
+        import utils.extra_config  # noqa: F401
     finally:
         sys.argv = saved_argv
     _base = base

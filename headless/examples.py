@@ -41,25 +41,6 @@ def prepare_assets(base: Path) -> None:
         shutil.copytree(TRAIN_IMAGES, images)
 
 
-def copy_outputs(ui_outputs: dict, output_root: Path, dest: Path) -> list[Path]:
-    """Copy the files output nodes reported (``{"images": [{filename, subfolder, type}]}``) to ``dest``.
-
-    Returns the copied paths.
-    """
-    written = []
-    dest.mkdir(parents=True, exist_ok=True)
-    for node_output in ui_outputs.values():
-        for items in node_output.values():
-            for item in items if isinstance(items, list) else []:
-                if isinstance(item, dict) and item.get("type") == "output" and "filename" in item:
-                    src = output_root / item.get("subfolder", "") / item["filename"]
-                    if src.is_file():
-                        target = dest / src.name
-                        shutil.copy2(src, target)
-                        written.append(target)
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the main examples; print each written file. Exit code 1 when a workflow fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from . import comfy_env, runner, ui_format
+    from .cli import collect_outputs
 
     base = comfy_env.import_comfy_core(args.base)
     prepare_assets(base)
@@ -90,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
             continue
         output_root = Path(runtime.folder_paths.get_output_directory())
-        for written in copy_outputs(result.ui_outputs, output_root, args.output / path.stem):
+        for written in collect_outputs(result.ui_outputs, output_root, args.output / path.stem):
             print(written)
     return status
 

@@ -92,6 +92,7 @@ def run_prompt(
     echo: bool = True,
     fresh_cache: bool = False,
     extra_data: dict | None = None,
+    strict: bool = True,
 ) -> RunResult:
     """Validate and execute an API-format prompt; return its outputs.
 
@@ -100,7 +101,10 @@ def run_prompt(
         prompt: API format, ``{node_id: {"class_type": ..., "inputs": {...}}}``.
         echo: print progress to stderr.
         fresh_cache: drop cached node outputs of earlier runs first.
-        extra_data: passed to the executor (e.g. ``client_id``).
+        extra_data: passed to the executor (e.g. ``client_id``; without one the executor sends no
+            ``executing`` events, so ``echo`` prints only what other events carry).
+        strict: fail when any output is invalid (the default, for headless runs); ComfyUI itself
+            (like its server) runs the valid outputs and only logs the invalid ones.
 
     Raises:
         WorkflowError: validation failed or a node raised; the message names node id, class
@@ -111,13 +115,17 @@ def run_prompt(
     prompt = {str(k): v for k, v in prompt.items()}
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid:
-        raise WorkflowError(validation_message(error, node_errors, prompt))
+    if not valid or (strict and node_errors):
+        raise WorkflowError(validation_message(error or {"message": "invalid outputs"}, node_errors, prompt))
     server = HeadlessServer(echo=echo)
     executor = _get_executor(server)
     if fresh_cache:
         executor.reset()
-    executor.execute(prompt, prompt_id, extra_data or {}, outputs)
+    extra_data = dict(extra_data or {})
+    if echo:
+        # Without a client id the executor sends no "executing" events to report.
+        extra_data.setdefault("client_id", "lora-workbench-headless")
+    executor.execute(prompt, prompt_id, extra_data, outputs)
     if not executor.success:
         raise WorkflowError(_execution_error_message(executor.status_messages))
     return RunResult(prompt_id, executor.history_result.get("outputs", {}), executor, server)

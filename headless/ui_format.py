@@ -147,12 +147,26 @@ def widget_slots(node_class: type, saved_inputs: list[dict] | None = None) -> li
     return slots
 
 
-def _extra_accepts(slot: WidgetSlot, value: Any) -> bool:
+def _could_take(slot: WidgetSlot | None, value: Any) -> bool:
+    """Return True if ``value`` may be the value of widget ``slot`` (a string or a combo listing it)."""
+    if slot is None or not slot.spec:
+        return False
+    input_type = _type_name(slot.spec[0])
+    if isinstance(input_type, (list, tuple)):
+        return value in input_type
+    if input_type == "COMBO":
+        return value in (slot.options.get("options") or ())
+    return input_type not in ("INT", "FLOAT", "BOOLEAN")
+
+
+def _extra_accepts(slot: WidgetSlot, value: Any, surplus: int, next_input: WidgetSlot | None) -> bool:
     if slot.kind == "control":
-        return value in CONTROL_VALUES
-    if slot.kind == "filter":
-        return isinstance(value, str)
-    return True
+        # A control value is skipped when the save has one value too many, or when the widget that
+        # follows could not hold it anyway (a number after the seed), so short saves line up too.
+        return value in CONTROL_VALUES and (surplus > 0 or not _could_take(next_input, value))
+    if surplus <= 0:
+        return False
+    return isinstance(value, str) if slot.kind == "filter" else True
 
 
 def _default(slot: WidgetSlot) -> tuple[bool, Any]:
@@ -191,13 +205,14 @@ def widget_values(node: dict, node_class: type) -> dict[str, Any]:
                         values[slot.name] = default
         return {k: _wrap(v) for k, v in values.items()}
     saved = list(saved or [])
-    # Extra values are consumed only while the save holds more values than there are widgets, so
-    # a save without them (older frontends, hand-written files) lines up as well.
+    # Extra values are consumed only while the save holds more values than there are widgets (see
+    # _extra_accepts), so a save without them (older frontends, hand-written files) lines up as well.
     surplus = len(saved) - sum(slot.kind == "input" for slot in slots)
     pos = 0
-    for slot in slots:
+    for index, slot in enumerate(slots):
         if slot.kind != "input":
-            if surplus > 0 and pos < len(saved) and _extra_accepts(slot, saved[pos]):
+            next_input = next((s for s in slots[index + 1 :] if s.kind == "input"), None)
+            if pos < len(saved) and _extra_accepts(slot, saved[pos], surplus, next_input):
                 pos += 1
                 surplus -= 1
             continue
@@ -234,13 +249,15 @@ def _parse_links(raw_links: list | None, where: str) -> dict[Any, _Link]:
         if raw is None:
             continue
         if isinstance(raw, dict):
-            link = _Link(raw["id"], raw["origin_id"], raw["origin_slot"], raw["target_id"], raw["target_slot"],
-                         raw.get("type"))
+            link = _Link(
+                raw["id"], raw["origin_id"], raw["origin_slot"], raw["target_id"], raw["target_slot"], raw.get("type")
+            )
         elif isinstance(raw, (list, tuple)) and len(raw) >= 5:
             link = _Link(*raw[:6])
         else:
-            raise WorkflowFormatError(f"{where}: a link is neither [id, origin, slot, target, slot, type] nor "
-                                      f"an object: {raw!r}")
+            raise WorkflowFormatError(
+                f"{where}: a link is neither [id, origin, slot, target, slot, type] nor an object: {raw!r}"
+            )
         links[link.id] = link
     return links
 
@@ -293,7 +310,9 @@ class _Converter:
 
     def _emit(self, graph: _Graph, prompt: dict, depth: int) -> None:
         if depth > 32:
-            raise WorkflowFormatError(f"subgraphs nested more than 32 deep at {graph.prefix!r} (a subgraph inside itself?)")
+            raise WorkflowFormatError(
+                f"subgraphs nested more than 32 deep at {graph.prefix!r} (a subgraph inside itself?)"
+            )
         for node in graph.nodes.values():
             node_type = node["type"]
             if node_type in FRONTEND_ONLY or node.get("mode") in (MODE_MUTED, MODE_BYPASS):
@@ -393,8 +412,11 @@ class _Converter:
             return None if index is None else self._resolve_input(graph, origin, index, seen)
         if origin_type in self.subgraphs:
             child = self._child(graph, origin)
-            inner = [lk for lk in child.links.values() if lk.target_id == SUBGRAPH_OUTPUT_NODE
-                     and lk.target_slot == link.origin_slot]
+            inner = [
+                lk
+                for lk in child.links.values()
+                if lk.target_id == SUBGRAPH_OUTPUT_NODE and lk.target_slot == link.origin_slot
+            ]
             if not inner:
                 return None
             return self._resolve_output(child, inner[0], target, seen)
@@ -419,7 +441,9 @@ class _Converter:
             return ("value", values[name], None) if name in values else None
         proxies = (instance.get("properties") or {}).get("proxyWidgets")
         if isinstance(proxies, list) and proxies:
-            names = [p[1] if str(p[0]) == "-1" else None for p in proxies if isinstance(p, (list, tuple)) and len(p) == 2]
+            names = [
+                p[1] if str(p[0]) == "-1" else None for p in proxies if isinstance(p, (list, tuple)) and len(p) == 2
+            ]
         else:
             definition_inputs = graph.definition.get("inputs") or []  # type: ignore[attr-defined]
             names = [i.get("name") for i in definition_inputs if _type_name(i.get("type")) in WIDGET_TYPES]
@@ -461,9 +485,7 @@ def _bypass_input_index(node: dict, slot: int, link_type: Any) -> int | None:
 def is_api_format(data: Any) -> bool:
     """Return True for an API prompt: a non-empty dict of ``id -> {"class_type", "inputs"}``."""
     return (
-        isinstance(data, dict)
-        and bool(data)
-        and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+        isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "class_type" in v for v in data.values())
     )
 
 

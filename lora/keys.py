@@ -76,23 +76,97 @@ _ROLE_PATTERNS: list[tuple[re.Pattern[str], str]] = [
 _PATH_WORDS = sorted(
     {
         # diffusers UNet
-        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-        "proj_in", "proj_out", "conv_in", "conv_out", "conv_shortcut", "time_emb_proj", "time_embedding",
-        "linear_1", "linear_2", "add_embedding", "conv_norm_out", "to_add_out", "add_q_proj", "add_k_proj",
-        "add_v_proj", "ff_context", "norm_out", "norm_q", "norm_k", "context_embedder", "x_embedder",
-        "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder", "proj_mlp",
-        "single_transformer_blocks", "pos_embed", "norm1_context", "to_add_q",
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "transformer_blocks",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "proj_in",
+        "proj_out",
+        "conv_in",
+        "conv_out",
+        "conv_shortcut",
+        "time_emb_proj",
+        "time_embedding",
+        "linear_1",
+        "linear_2",
+        "add_embedding",
+        "conv_norm_out",
+        "to_add_out",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "ff_context",
+        "norm_out",
+        "norm_q",
+        "norm_k",
+        "context_embedder",
+        "x_embedder",
+        "time_text_embed",
+        "timestep_embedder",
+        "text_embedder",
+        "guidance_embedder",
+        "proj_mlp",
+        "single_transformer_blocks",
+        "pos_embed",
+        "norm1_context",
+        "to_add_q",
         # ldm / ComfyUI UNet
-        "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
-        "skip_connection", "time_embed", "label_emb",
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "in_layers",
+        "out_layers",
+        "emb_layers",
+        "skip_connection",
+        "time_embed",
+        "label_emb",
         # CLIP / T5
-        "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
-        "final_layer_norm", "token_embedding", "position_embedding", "text_projection", "relative_attention_bias",
-        "wi_0", "wi_1", "DenseReluDense", "SelfAttention", "EncDecAttention", "layer_norm",
+        "text_model",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "final_layer_norm",
+        "token_embedding",
+        "position_embedding",
+        "text_projection",
+        "relative_attention_bias",
+        "wi_0",
+        "wi_1",
+        "DenseReluDense",
+        "SelfAttention",
+        "EncDecAttention",
+        "layer_norm",
         # Flux / SD3 (kohya names)
-        "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
-        "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer", "final_layer",
-        "adaLN_modulation", "joint_blocks", "x_block", "context_block", "t_embedder", "y_embedder",
+        "double_blocks",
+        "single_blocks",
+        "img_attn",
+        "txt_attn",
+        "img_mlp",
+        "txt_mlp",
+        "img_mod",
+        "txt_mod",
+        "img_in",
+        "txt_in",
+        "time_in",
+        "vector_in",
+        "guidance_in",
+        "in_layer",
+        "out_layer",
+        "final_layer",
+        "adaLN_modulation",
+        "joint_blocks",
+        "x_block",
+        "context_block",
+        "t_embedder",
+        "y_embedder",
     },
     key=lambda w: -w.count("_"),
 )
@@ -103,8 +177,17 @@ _MAX_PARTS = max(_PATH_WORDS_BY_PARTS)
 
 # Kohya unet paths that are already in the model's own (ComfyUI/ldm) naming, so ``diffusion_model.<path>`` is a
 # real model key without a conversion table.
-_MODEL_NATIVE_ROOTS = ("input_blocks", "middle_block", "output_blocks", "double_blocks", "single_blocks",
-                       "joint_blocks", "time_embed", "label_emb", "out")  # fmt: skip
+_MODEL_NATIVE_ROOTS = (
+    "input_blocks",
+    "middle_block",
+    "output_blocks",
+    "double_blocks",
+    "single_blocks",
+    "joint_blocks",
+    "time_embed",
+    "label_emb",
+    "out",
+)
 
 
 def split_module_path(underscored: str) -> str:
@@ -246,9 +329,13 @@ def _adapter_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return configs
 
 
-_COMPONENT_OF_PREFIX = {"lora_unet": ("unet", "transformer", ""), "lora_te": ("text_encoder", ""),
-                        "lora_te1": ("text_encoder", ""), "lora_te2": ("text_encoder_2",),
-                        "lora_te3": ("text_encoder_3",)}  # fmt: skip
+_COMPONENT_OF_PREFIX = {
+    "lora_unet": ("unet", "transformer", ""),
+    "lora_te": ("text_encoder", ""),
+    "lora_te1": ("text_encoder", ""),
+    "lora_te2": ("text_encoder_2",),
+    "lora_te3": ("text_encoder_3",),
+}
 
 
 def _alpha_from_config(configs: dict[str, dict[str, Any]], prefix: str, path: str, rank: int) -> float | None:
@@ -305,10 +392,14 @@ def state_from_dict(
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     fmt = detect_format(sd)
     if fmt in (KeyFormat.LYCORIS_LOHA, KeyFormat.LYCORIS_LOKR, KeyFormat.DORA):
-        label = {KeyFormat.LYCORIS_LOHA: "LyCORIS LoHa", KeyFormat.LYCORIS_LOKR: "LyCORIS LoKr",
-                 KeyFormat.DORA: "DoRA"}[fmt]  # fmt: skip
-        marker = {KeyFormat.LYCORIS_LOHA: ".hada_", KeyFormat.LYCORIS_LOKR: ".lokr_",
-                  KeyFormat.DORA: "dora_scale"}[fmt]  # fmt: skip
+        label = {
+            KeyFormat.LYCORIS_LOHA: "LyCORIS LoHa",
+            KeyFormat.LYCORIS_LOKR: "LyCORIS LoKr",
+            KeyFormat.DORA: "DoRA",
+        }[fmt]
+        marker = {KeyFormat.LYCORIS_LOHA: ".hada_", KeyFormat.LYCORIS_LOKR: ".lokr_", KeyFormat.DORA: "dora_scale"}[
+            fmt
+        ]
         example = next((k for k in sd if marker in k), next(iter(sd)))
         raise UnsupportedLoraError(
             f"{where} is a {label} adapter (e.g. key '{example}'). ComfyUI can still apply this file directly "
@@ -374,7 +465,9 @@ def state_from_dict(
 
 
 def _check_shapes(name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None, where: str) -> None:
-    shapes = f"down {tuple(down.shape)}, up {tuple(up.shape)}" + (f", mid {tuple(mid.shape)}" if mid is not None else "")
+    shapes = f"down {tuple(down.shape)}, up {tuple(up.shape)}"
+    if mid is not None:
+        shapes += f", mid {tuple(mid.shape)}"
     if down.dim() not in (2, 4) or up.dim() != down.dim():
         raise ValueError(f"{where}: module '{name}' has factors of unexpected dimensions: {shapes}")
     if mid is not None:
@@ -450,8 +543,13 @@ def to_peft_dict(
     """
     if prefix_style not in ("diffusers", "peft"):
         raise ValueError(f"prefix_style must be 'diffusers' or 'peft', got '{prefix_style}'")
-    comp_of = {"lora_unet": unet_prefix, "lora_te": "text_encoder", "lora_te1": "text_encoder",
-               "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}  # fmt: skip
+    comp_of = {
+        "lora_unet": unet_prefix,
+        "lora_te": "text_encoder",
+        "lora_te1": "text_encoder",
+        "lora_te2": "text_encoder_2",
+        "lora_te3": "text_encoder_3",
+    }
     by_comp: dict[str, list[tuple[str, str, LoraModule]]] = {}
     for name, m in state.modules.items():
         if m.mid is not None:
@@ -478,8 +576,14 @@ def to_peft_dict(
         for _, path, m in mods:
             sd[f"{lead}{path}.lora_A.weight"] = m.down
             sd[f"{lead}{path}.lora_B.weight"] = m.up
-        adapter_meta.update({f"{key_lead}r": r, f"{key_lead}lora_alpha": _num(a),
-                             f"{key_lead}alpha_pattern": alpha_pattern, f"{key_lead}rank_pattern": rank_pattern})  # fmt: skip
+        adapter_meta.update(
+            {
+                f"{key_lead}r": r,
+                f"{key_lead}lora_alpha": _num(a),
+                f"{key_lead}alpha_pattern": alpha_pattern,
+                f"{key_lead}rank_pattern": rank_pattern,
+            }
+        )
     for name, t in state.extras.items():
         mod_name, _, suffix = name.rpartition(".")
         prefix, path = _split_kohya(mod_name)

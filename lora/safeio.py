@@ -128,9 +128,7 @@ def read_safetensors(
     return dict(sd), dict(meta)
 
 
-def _read_uncached(
-    path: Path, *, display: str, allow_pickle: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_uncached(path: Path, *, display: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise LoraFileError(

@@ -39,14 +39,15 @@ class ApplyLoraStackNode(io.ComfyNode):
                 io.Clip.Input("clip", optional=True),
                 LoraStack.Input("lora_stack", optional=True),
                 LoraModel.Input("adapter", optional=True, tooltip="An in-graph adapter, e.g. from Train LoRA."),
-                io.Float.Input("adapter_strength", default=1.0, min=-100.0, max=100.0, step=0.01),
-                io.Float.Input("adapter_strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01),
+                io.Float.Input("adapter_strength", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
+                io.Float.Input("adapter_strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
                 io.Float.Input(
-                    "scale", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="Multiplies every strength."
+                    "scale", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True, tooltip="Multiplies every strength."
                 ),
                 io.String.Input(
                     "block_weights",
                     default="",
+                    optional=True,
                     tooltip="Per-block weights: a preset name (ALL, INS, MIDD, OUTD, ...) or a comma list in "
                     "the LoRA Block Weight order (17 values for SD1, 12 for SDXL; the first is the text "
                     "encoder). Empty: all 1.",
@@ -54,6 +55,7 @@ class ApplyLoraStackNode(io.ComfyNode):
                 io.Boolean.Input(
                     "allow_pickle",
                     default=False,
+                    optional=True,
                     tooltip="Also read .ckpt/.pt/.bin LoRAs. Pickle files can run code when loaded.",
                 ),
             ],

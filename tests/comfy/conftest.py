@@ -4,11 +4,15 @@ and one tiny SD1.5-shaped checkpoint (built once, cached on disk, never committe
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from lora_workbench.headless import comfy_env, runner, tiny_model
+
+# Test helpers beside this file (graphs.py); pytest's importlib mode does not add the folder.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from comfy_execution.graph_utils import GraphBuilder
-
 SAMPLER = dict(seed=7, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
 
 
@@ -23,7 +21,9 @@ def txt2img(ckpt_name: str, patch=None, *, text="a photo of a dog", steps=4, siz
 
     ``patch(graph, model_out, clip_out) -> (model_out, clip_out)`` inserts LoRA nodes.
     """
-    g = GraphBuilder()
+    from comfy_execution.graph_utils import GraphBuilder  # importable once the `comfy` fixture ran
+
+    g = GraphBuilder(prefix="")
     ckpt = g.node("CheckpointLoaderSimple", id="ckpt", ckpt_name=ckpt_name)
     model, clip = ckpt.out(0), ckpt.out(1)
     if patch is not None:

@@ -73,7 +73,9 @@ def test_unmatched_keys_are_counted_and_listed(run, ckpt_name, loras_dir):
 
 def test_total_strength_above_two_warns_but_runs(run, ckpt_name, good, loras_dir, caplog):
     other = write_example_lora(loras_dir / "errors_other.safetensors", seed=12, rank=4).name
-    report, words = _report(run, ckpt_name, [(good, 1.4, 1.0), (other, -1.0, 1.0)])
+    with caplog.at_level("WARNING"):
+        report, words = _report(run, ckpt_name, [(good, 1.4, 1.0), (other, -1.0, 1.0)])
+    assert any("Apply LoRA Stack" in r.getMessage() and "2.4" in r.getMessage() for r in caplog.records)
     assert "total model strength 2.40" in report
     assert "WARNING" in report and "2.0" in report
     assert "goodtok" in words
@@ -113,9 +115,11 @@ def test_prompt_tags_equal_the_same_stack(run, ckpt_name, good):
         return apply.out(0), apply.out(1)
 
     a = run(txt2img(ckpt_name, tagged)[0])
-    b = run(txt2img(ckpt_name, our_stack([(good, 0.7, 0.4)]))[0])
-    assert a.output("tags", 1) == "a dog"
-    assert torch.equal(a.output("sampler")["samples"], b.output("sampler")["samples"])
+    # Read before the next run: the executor drops cached outputs of nodes the next prompt lacks.
+    cleaned, from_tags = a.output("tags", 1), a.output("sampler")["samples"]
+    from_stack = run(txt2img(ckpt_name, our_stack([(good, 0.7, 0.4)]))[0]).output("sampler")["samples"]
+    assert cleaned == "a dog"
+    assert torch.equal(from_tags, from_stack)
 
 
 def test_stacks_from_other_packs_are_accepted(comfy, good, loras_dir):

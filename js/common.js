@@ -1,0 +1,176 @@
+// Shared browser-side helpers of LoRA Workbench's extensions: the LoRA list, the info route,
+// clipboard, styles. Defines things only (ComfyUI loads every .js under js/ as a module).
+import { api } from "../../scripts/api.js";
+
+import { InfoCache } from "./lib/info.js";
+
+let loraListPromise = null;
+let loraListValue = null;
+const listeners = new Set();
+
+/** ComfyUI's LoRA file list (cached; `refreshLoras` reloads it). */
+export function loadLoras() {
+  if (!loraListPromise) {
+    loraListPromise = api
+      .fetchApi("/models/loras", { cache: "no-store" })
+      .then((r) => (r.ok ? r.json() : []))
+      .catch(() => [])
+      .then((list) => {
+        loraListValue = Array.isArray(list) ? list : [];
+        for (const fn of listeners) fn(loraListValue);
+        return loraListValue;
+      });
+  }
+  return loraListPromise;
+}
+
+/** The list if loaded, else null. */
+export function lorasNow() {
+  return loraListValue;
+}
+
+/** Call `fn(list)` whenever the list is (re)loaded. Returns an unsubscribe function. */
+export function onLorasChanged(fn) {
+  listeners.add(fn);
+  return () => listeners.delete(fn);
+}
+
+/** Reload the list and forget cached info (files may have changed on disk). */
+export function refreshLoras() {
+  loraListPromise = null;
+  infoCache.clear();
+  return loadLoras();
+}
+
+/** Info answers from `GET /lora_workbench/info?name=`, one request per name. */
+export const infoCache = new InfoCache(async (name) => {
+  const r = await api.fetchApi(`/lora_workbench/info?name=${encodeURIComponent(name)}`, { cache: "no-store" });
+  if (!r.ok) {
+    const hint = r.status === 404 ? " (the pack's routes are not registered on this server)" : "";
+    return { name, exists: null, error: `info request failed: HTTP ${r.status}${hint}`, trigger_words: [] };
+  }
+  return r.json();
+});
+
+/** Copy text to the clipboard; falls back to a hidden textarea where the async API is refused. */
+export async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    const ta = document.createElement("textarea");
+    ta.value = text;
+    ta.style.position = "fixed";
+    ta.style.opacity = "0";
+    document.body.append(ta);
+    ta.select();
+    let ok = false;
+    try {
+      ok = document.execCommand("copy");
+    } catch {
+      ok = false;
+    }
+    ta.remove();
+    return ok;
+  }
+}
+
+/** Create an element: el("div.lw-a.lw-b", {title: "x"}, child, "text"). */
+export function el(spec, attrs = {}, ...children) {
+  const [tag, ...classes] = spec.split(".");
+  const node = document.createElement(tag || "div");
+  if (classes.length) node.className = classes.join(" ");
+  for (const [k, v] of Object.entries(attrs ?? {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "dataset") Object.assign(node.dataset, v);
+    else if (k.startsWith("on") && typeof v === "function") node.addEventListener(k.slice(2), v);
+    else if (k in node && typeof v !== "string") node[k] = v;
+    else node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+/** Trigger-word chips; a click copies the word and marks the chip for a moment. */
+export function triggerChips(words, root) {
+  return words.map((word) =>
+    el(
+      "button.lw-trigger",
+      {
+        type: "button",
+        title: `Copy "${word}"`,
+        dataset: { word },
+        onclick: async (e) => {
+          e.stopPropagation();
+          const chip = e.currentTarget;
+          if (await copyText(word)) {
+            chip.classList.add("lw-copied");
+            if (root) root.dataset.lastCopied = word;
+            setTimeout(() => chip.classList.remove("lw-copied"), 1200);
+          }
+        },
+      },
+      word,
+    ),
+  );
+}
+
+/** Mark a node's canvas dirty (classic renderer; harmless in Nodes 2.0). */
+export function redraw(node) {
+  node?.setDirtyCanvas?.(true, true);
+  node?.graph?.setDirtyCanvas?.(true, true);
+}
+
+const STYLE_ID = "lora-workbench-style";
+const CSS = `
+.lw-root { box-sizing: border-box; font: 12px/1.3 sans-serif; color: var(--input-text, #ddd);
+  display: flex; flex-direction: column; gap: 4px; padding: 2px 0; overflow: hidden; width: 100%; }
+.lw-root * { box-sizing: border-box; }
+.lw-rows { display: flex; flex-direction: column; gap: 3px; overflow-y: auto; }
+.lw-row { display: flex; flex-direction: column; gap: 1px; height: 46px; padding: 2px 4px; border-radius: 4px;
+  background: var(--comfy-input-bg, #222); border: 1px solid transparent; }
+.lw-row.lw-off { opacity: 0.5; }
+.lw-row.lw-missing { border-color: var(--error-text, #f44); }
+.lw-line { display: flex; align-items: center; gap: 3px; min-width: 0; height: 22px; }
+.lw-line select { flex: 1 1 auto; min-width: 40px; height: 20px; background: var(--comfy-menu-bg, #333);
+  color: inherit; border: 1px solid var(--border-color, #555); border-radius: 3px; font-size: 12px; }
+.lw-line input[type=number] { width: 52px; height: 20px; background: var(--comfy-menu-bg, #333); color: inherit;
+  border: 1px solid var(--border-color, #555); border-radius: 3px; font-size: 12px; padding: 0 2px; }
+.lw-line input[type=checkbox] { margin: 0; }
+.lw-icon { width: 20px; height: 20px; padding: 0; font-size: 11px; line-height: 18px; cursor: pointer;
+  background: var(--comfy-menu-bg, #333); color: inherit; border: 1px solid var(--border-color, #555);
+  border-radius: 3px; }
+.lw-icon:disabled { opacity: 0.35; cursor: default; }
+.lw-sub { font-size: 11px; color: var(--descrip-text, #999); white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; height: 18px; display: flex; align-items: center; gap: 3px; }
+.lw-sub .lw-status-missing, .lw-error { color: var(--error-text, #f44); }
+.lw-trigger { font-size: 11px; padding: 0 5px; height: 16px; line-height: 14px; border-radius: 8px; cursor: copy;
+  background: var(--comfy-menu-bg, #333); color: var(--input-text, #ddd); border: 1px solid var(--border-color, #555); }
+.lw-trigger.lw-copied { border-color: #4a4; color: #8d8; }
+.lw-footer { display: flex; align-items: center; gap: 6px; flex-wrap: wrap; min-height: 22px; }
+.lw-footer button.lw-add { height: 22px; padding: 0 8px; cursor: pointer; background: var(--comfy-menu-bg, #333);
+  color: inherit; border: 1px solid var(--border-color, #555); border-radius: 3px; }
+.lw-sum { margin-left: auto; font-variant-numeric: tabular-nums; }
+.lw-warning { display: none; color: #111; background: #fa3; border-radius: 3px; padding: 2px 6px; font-weight: 600; }
+.lw-root.lw-over .lw-warning { display: block; }
+.lw-root.lw-over .lw-sum { color: #fa3; font-weight: 600; }
+.lw-panel { display: grid; grid-template-columns: auto 1fr; gap: 2px 8px; align-items: baseline; }
+.lw-panel .lw-k { color: var(--descrip-text, #999); }
+.lw-panel .lw-v { overflow-wrap: anywhere; }
+.lw-settings { font-family: monospace; font-size: 11px; white-space: pre-wrap; max-height: 140px; overflow: auto; }
+.lw-progress canvas { width: 100%; height: 100%; display: block; background: var(--comfy-input-bg, #222);
+  border-radius: 4px; }
+.lw-stats { display: flex; gap: 10px; flex-wrap: wrap; font-variant-numeric: tabular-nums; }
+`;
+
+/** Add the pack's stylesheet to the page once. */
+export function injectStyle() {
+  if (document.getElementById(STYLE_ID)) return;
+  const style = document.createElement("style");
+  style.id = STYLE_ID;
+  style.textContent = CSS;
+  document.head.append(style);
+}

@@ -1,0 +1,208 @@
+// The training-progress widget's pure parts: a bounded series of (step, loss) points, axis
+// scaling, time formatting. No DOM, no ComfyUI: tested with `node --test tests/js/`.
+
+/**
+ * A ring buffer of (step, loss) points that keeps the newest `capacity` points, in order.
+ * Non-finite losses (a NaN step) are counted but not stored, so one bad step does not blank
+ * the curve's scale.
+ */
+export class PointSeries {
+  /** @param {number} capacity how many points to keep (at least 2) */
+  constructor(capacity = 2000) {
+    this.capacity = Math.max(2, Math.floor(capacity));
+    this.clear();
+  }
+
+  clear() {
+    this._xs = new Float64Array(this.capacity);
+    this._ys = new Float64Array(this.capacity);
+    this._start = 0;
+    this.length = 0;
+    this.dropped = 0;
+    this.nonFinite = 0;
+  }
+
+  /** Add a point; a step not after the last one starts a new run (the series is cleared first). */
+  push(x, y) {
+    if (!Number.isFinite(y) || !Number.isFinite(x)) {
+      this.nonFinite += 1;
+      return;
+    }
+    if (this.length > 0 && x <= this.last().x) this.clear();
+    const end = (this._start + this.length) % this.capacity;
+    this._xs[end] = x;
+    this._ys[end] = y;
+    if (this.length < this.capacity) {
+      this.length += 1;
+    } else {
+      this._start = (this._start + 1) % this.capacity;
+      this.dropped += 1;
+    }
+  }
+
+  /** The i-th kept point, oldest first. */
+  at(i) {
+    const j = (this._start + i) % this.capacity;
+    return { x: this._xs[j], y: this._ys[j] };
+  }
+
+  last() {
+    return this.length ? this.at(this.length - 1) : null;
+  }
+
+  /** Kept points, oldest first. */
+  points() {
+    const out = [];
+    for (let i = 0; i < this.length; i++) out.push(this.at(i));
+    return out;
+  }
+
+  /** {xmin, xmax, ymin, ymax} of the kept points, or null when empty. */
+  extent() {
+    if (!this.length) return null;
+    let ymin = Infinity;
+    let ymax = -Infinity;
+    for (let i = 0; i < this.length; i++) {
+      const y = this._ys[(this._start + i) % this.capacity];
+      if (y < ymin) ymin = y;
+      if (y > ymax) ymax = y;
+    }
+    return { xmin: this.at(0).x, xmax: this.last().x, ymin, ymax };
+  }
+}
+
+/**
+ * Exponential moving average of a list of values (what trainers plot beside the raw loss).
+ * @param {number[]} values
+ * @param {number} beta smoothing in [0, 1); 0 returns the values
+ * @returns {number[]} bias-corrected averages, same length
+ */
+export function ema(values, beta = 0.9) {
+  const out = [];
+  let avg = 0;
+  values.forEach((v, i) => {
+    avg = beta * avg + (1 - beta) * v;
+    out.push(beta === 0 ? v : avg / (1 - beta ** (i + 1)));
+  });
+  return out;
+}
+
+/**
+ * A "nice" axis range and tick step covering [lo, hi] (1, 2, 5 times a power of ten).
+ * @param {number} lo
+ * @param {number} hi
+ * @param {number} ticks about how many intervals
+ * @returns {{min: number, max: number, step: number}}
+ */
+export function niceScale(lo, hi, ticks = 4) {
+  if (!Number.isFinite(lo) || !Number.isFinite(hi)) return { min: 0, max: 1, step: 0.25 };
+  if (lo > hi) [lo, hi] = [hi, lo];
+  if (hi === lo) {
+    // A flat line: give it a visible band around the value.
+    const pad = Math.abs(lo) > 0 ? Math.abs(lo) * 0.1 : 1;
+    lo -= pad;
+    hi += pad;
+  }
+  const raw = (hi - lo) / Math.max(1, ticks);
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const norm = raw / mag;
+  const step = (norm <= 1 ? 1 : norm <= 2 ? 2 : norm <= 5 ? 5 : 10) * mag;
+  const min = Math.floor(lo / step + 1e-9) * step;
+  const max = Math.ceil(hi / step - 1e-9) * step;
+  return { min: round(min, step), max: round(max, step), step };
+}
+
+function round(value, step) {
+  const digits = Math.max(0, -Math.floor(Math.log10(step)) + 1);
+  return Number(value.toFixed(Math.min(20, digits)));
+}
+
+/**
+ * Map a value from [d0, d1] to [r0, r1] (a degenerate domain maps to the middle).
+ */
+export function scaleLinear(value, d0, d1, r0, r1) {
+  if (d1 === d0) return (r0 + r1) / 2;
+  return r0 + ((value - d0) / (d1 - d0)) * (r1 - r0);
+}
+
+/**
+ * Pixel polyline for the points inside a plot box; the x domain starts at step 0 (or the first
+ * kept step) and ends at `total` when known, so the curve grows across the box as steps run.
+ * @param {{x:number,y:number}[]} points
+ * @param {{x:number,y:number,w:number,h:number}} box
+ * @param {{xmin:number,xmax:number,ymin:number,ymax:number}} domain
+ * @returns {number[][]} [[px, py], ...]
+ */
+export function toPixels(points, box, domain) {
+  return points.map((p) => [
+    scaleLinear(p.x, domain.xmin, domain.xmax, box.x, box.x + box.w),
+    scaleLinear(p.y, domain.ymin, domain.ymax, box.y + box.h, box.y),
+  ]);
+}
+
+/**
+ * The plot domain for a series: x from the first kept step (or 0) to max(total, last step);
+ * y a nice range over the kept losses.
+ */
+export function plotDomain(series, total) {
+  const e = series.extent();
+  if (!e) return { xmin: 0, xmax: Math.max(1, total || 1), ymin: 0, ymax: 1, yStep: 0.25 };
+  const y = niceScale(e.ymin, e.ymax, 4);
+  const xmin = series.dropped ? e.xmin : Math.min(0, e.xmin);
+  return { xmin, xmax: Math.max(e.xmax, total || 0, xmin + 1), ymin: y.min, ymax: y.max, yStep: y.step };
+}
+
+/**
+ * Seconds as "m:ss" or "h:mm:ss"; "--:--" for unknown (null, negative, not finite).
+ * @param {number|null} seconds
+ * @returns {string}
+ */
+export function formatDuration(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds) || seconds < 0) return "--:--";
+  const total = Math.round(seconds);
+  const h = Math.floor(total / 3600);
+  const m = Math.floor((total % 3600) / 60);
+  const s = total % 60;
+  const ss = String(s).padStart(2, "0");
+  return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
+}
+
+/**
+ * Loss with 4 significant digits (exponent form for very small or large values).
+ * @param {number|null} loss
+ * @returns {string}
+ */
+export function formatLoss(loss) {
+  if (loss === null || loss === undefined || !Number.isFinite(loss)) return "-";
+  const a = Math.abs(loss);
+  if (a !== 0 && (a < 1e-3 || a >= 1e4)) return loss.toExponential(2);
+  return Number(loss.toPrecision(4)).toString();
+}
+
+/**
+ * The state a progress widget shows, folded from events: pure, so the widget only draws it.
+ * @param {object} state previous state (or undefined for a fresh one)
+ * @param {{type: "progress"|"done"|"reset", detail: object}} event
+ * @returns {object} new state
+ */
+export function reduceProgress(state, event) {
+  const s = state ?? { status: "idle", step: 0, total: 0, loss: null, elapsed: null, eta: null, file: null };
+  const d = event.detail ?? {};
+  if (event.type === "reset") return { status: "idle", step: 0, total: 0, loss: null, elapsed: null, eta: null, file: null };
+  if (event.type === "progress") {
+    return {
+      ...s,
+      status: "running",
+      step: Number(d.step) || 0,
+      total: Number(d.total) || s.total || 0,
+      loss: Number.isFinite(d.loss) ? d.loss : s.loss,
+      elapsed: Number.isFinite(d.elapsed) ? d.elapsed : s.elapsed,
+      eta: Number.isFinite(d.eta) ? d.eta : null,
+      file: null,
+    };
+  }
+  if (event.type === "done") {
+    return { ...s, status: "done", step: Number(d.steps) || s.step, eta: 0, file: d.file ?? null };
+  }
+  return s;
+}

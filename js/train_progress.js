@@ -1,0 +1,173 @@
+// Training progress inside the node: step/total, loss, elapsed and remaining time, and a live
+// loss curve, from the server's `lora_workbench.train_progress` / `lora_workbench.train_done`
+// events. The view is a DOM widget holding a <canvas>, so it draws the same in the classic
+// renderer and in Nodes 2.0. It is added to the Train node when created, and to any node an
+// event names that lacks it (so a run started before the page loaded still shows).
+import { api } from "../../scripts/api.js";
+import { app } from "../../scripts/app.js";
+
+import { el, injectStyle, redraw } from "./common.js";
+import { PointSeries, ema, formatDuration, formatLoss, plotDomain, reduceProgress, toPixels } from "./lib/series.js";
+
+const NODE_CLASS = "LoraWorkbenchTrain";
+export const PROGRESS_EVENT = "lora_workbench.train_progress";
+export const DONE_EVENT = "lora_workbench.train_done";
+const WIDGET_NAME = "lora_train_progress";
+const CAPACITY = 4000;
+const PAD = { left: 40, right: 8, top: 8, bottom: 16 };
+
+class ProgressView {
+  constructor(node) {
+    this.node = node;
+    this.series = new PointSeries(CAPACITY);
+    this.state = reduceProgress(undefined, { type: "reset" });
+    this.stats = el("div.lw-stats", { dataset: { testid: "lw-train-stats" } });
+    this.canvas = el("canvas", { dataset: { testid: "lw-loss-canvas" } });
+    this.root = el(
+      "div.lw-root.lw-progress",
+      { dataset: { testid: "lw-train-progress" } },
+      this.stats,
+      el("div", { style: "flex: 1 1 auto; min-height: 90px;" }, this.canvas),
+    );
+    this.pending = false;
+    this.renderStats();
+    if (typeof ResizeObserver !== "undefined") {
+      new ResizeObserver(() => this.schedule()).observe(this.canvas);
+    }
+  }
+
+  handle(type, detail) {
+    if (type === "progress") this.series.push(Number(detail.step), Number(detail.loss));
+    this.state = reduceProgress(this.state, { type, detail });
+    this.root.dataset.status = this.state.status;
+    this.root.dataset.step = String(this.state.step);
+    this.root.dataset.points = String(this.series.length);
+    this.renderStats();
+    this.schedule();
+    redraw(this.node);
+  }
+
+  renderStats() {
+    const s = this.state;
+    const item = (key, label, value) => el("span", { dataset: { key } }, `${label} `, el("b", {}, value));
+    const parts = [
+      item("step", "Step", s.total ? `${s.step}/${s.total}` : String(s.step)),
+      item("loss", "Loss", formatLoss(s.loss)),
+      item("elapsed", "Elapsed", formatDuration(s.elapsed)),
+      item("eta", "Remaining", s.status === "done" ? "0:00" : formatDuration(s.eta)),
+    ];
+    if (s.status === "done") parts.push(el("span", { dataset: { key: "file" } }, s.file ? `Saved ${s.file}` : "Done"));
+    if (s.status === "idle") parts.splice(0, parts.length, el("span", { dataset: { key: "idle" } }, "Waiting for training to start"));
+    this.stats.replaceChildren(...parts);
+  }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      this.draw();
+    });
+  }
+
+  draw() {
+    const canvas = this.canvas;
+    const ratio = window.devicePixelRatio || 1;
+    const w = Math.max(1, Math.round(canvas.clientWidth * ratio));
+    const h = Math.max(1, Math.round(canvas.clientHeight * ratio));
+    if (canvas.width !== w || canvas.height !== h) {
+      canvas.width = w;
+      canvas.height = h;
+    }
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    const cw = w / ratio;
+    const ch = h / ratio;
+    ctx.clearRect(0, 0, cw, ch);
+    const box = { x: PAD.left, y: PAD.top, w: Math.max(1, cw - PAD.left - PAD.right), h: Math.max(1, ch - PAD.top - PAD.bottom) };
+    const domain = plotDomain(this.series, this.state.total);
+    const style = getComputedStyle(this.root);
+    const text = style.color || "#ccc";
+
+    // Grid and y labels.
+    ctx.font = "10px sans-serif";
+    ctx.fillStyle = text;
+    ctx.strokeStyle = "rgba(128,128,128,0.35)";
+    ctx.lineWidth = 1;
+    ctx.textAlign = "right";
+    ctx.textBaseline = "middle";
+    for (let v = domain.ymin; v <= domain.ymax + domain.yStep / 2; v += domain.yStep) {
+      const [[, py]] = toPixels([{ x: domain.xmin, y: v }], box, domain);
+      ctx.beginPath();
+      ctx.moveTo(box.x, Math.round(py) + 0.5);
+      ctx.lineTo(box.x + box.w, Math.round(py) + 0.5);
+      ctx.stroke();
+      ctx.fillText(formatLoss(Number(v.toPrecision(6))), box.x - 4, py);
+    }
+    ctx.textAlign = "left";
+    ctx.textBaseline = "top";
+    ctx.fillText(`step ${domain.xmin}`, box.x, box.y + box.h + 3);
+    ctx.textAlign = "right";
+    ctx.fillText(String(domain.xmax), box.x + box.w, box.y + box.h + 3);
+
+    const points = this.series.points();
+    if (!points.length) return;
+    // Raw loss, thin; its moving average, thick (the trend a user reads).
+    const line = (pts, color, width) => {
+      const px = toPixels(pts, box, domain);
+      ctx.strokeStyle = color;
+      ctx.lineWidth = width;
+      ctx.beginPath();
+      px.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      if (px.length === 1) ctx.lineTo(px[0][0] + 1, px[0][1]);
+      ctx.stroke();
+    };
+    line(points, "rgba(90,160,255,0.55)", 1);
+    const smooth = ema(points.map((p) => p.y), 0.9);
+    line(points.map((p, i) => ({ x: p.x, y: smooth[i] })), "rgb(255,170,40)", 2);
+  }
+}
+
+function viewFor(node, create) {
+  if (!node) return null;
+  if (node.lwTrainProgress) return node.lwTrainProgress;
+  if (!create || typeof node.addDOMWidget !== "function") return null;
+  injectStyle();
+  const view = new ProgressView(node);
+  const widget = node.addDOMWidget(WIDGET_NAME, "lora_workbench_progress", view.root, {
+    serialize: false,
+    hideOnZoom: false,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => 150,
+  });
+  widget.serialize = false;
+  node.lwTrainProgress = view;
+  if (node.graph && node.computeSize && node.setSize) {
+    const size = node.computeSize();
+    node.setSize([Math.max(node.size[0], size[0], 280), Math.max(node.size[1], size[1])]);
+  }
+  return view;
+}
+
+/** The node an event names: its id as the executor sends it (subgraph ids as "a:b" resolve to the last part in the root graph's lookup). */
+function eventNode(detail) {
+  const id = detail?.node;
+  if (id === null || id === undefined) return null;
+  const graph = app.graph;
+  return graph?.getNodeById?.(id) ?? graph?.getNodeById?.(Number(id)) ?? null;
+}
+
+app.registerExtension({
+  name: "LoraWorkbench.TrainProgress",
+
+  async setup() {
+    api.addEventListener(PROGRESS_EVENT, ({ detail }) => viewFor(eventNode(detail), true)?.handle("progress", detail));
+    api.addEventListener(DONE_EVENT, ({ detail }) => viewFor(eventNode(detail), true)?.handle("done", detail));
+  },
+
+  nodeCreated(node) {
+    if (node.comfyClass !== NODE_CLASS) return;
+    viewFor(node, true);
+  },
+});

@@ -1,0 +1,391 @@
+"""LoRA file metadata: kohya ``ss_*`` keys, ``modelspec.*`` keys and our own ``lora_workbench.*`` keys.
+
+All values are strings (safetensors stores only strings); structured values are JSON. Readers accept what
+kohya's sd-scripts, the SAI model spec and this package write, so trigger words and the base family of files
+from other trainers show up too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .state import LoraState
+
+OURS = "lora_workbench."
+
+# family -> (kohya ss_base_model_version, modelspec architecture, modelspec implementation, resolution)
+FAMILIES: dict[str, tuple[str, str, str, str]] = {
+    "sd1": ("sd_v1", "stable-diffusion-v1", "diffusers", "512x512"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-512", "diffusers", "512x512"),
+    "sdxl": (
+        "sdxl_base_v1-0",
+        "stable-diffusion-xl-v1-base",
+        "https://github.com/Stability-AI/generative-models",
+        "1024x1024",
+    ),
+    "sd3": ("sd3", "stable-diffusion-3-medium", "https://github.com/Stability-AI/SD3.5", "1024x1024"),
+    "flux": ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux", "1024x1024"),
+}
+
+# Prefix tests on lower-cased values, most specific first.
+_SS_VERSION_TO_FAMILY = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd3", "sd3"), ("flux", "flux"))
+_ARCH_TO_FAMILY = (
+    ("stable-diffusion-xl", "sdxl"),
+    ("stable-diffusion-v2", "sd2"),
+    ("stable-diffusion-v1", "sd1"),
+    ("stable-diffusion-3", "sd3"),
+    ("flux", "flux"),
+)
+
+_KOHYA_SETTINGS = (
+    "ss_learning_rate",
+    "ss_unet_lr",
+    "ss_text_encoder_lr",
+    "ss_max_train_steps",
+    "ss_num_epochs",
+    "ss_epoch",
+    "ss_optimizer",
+    "ss_lr_scheduler",
+    "ss_lr_warmup_steps",
+    "ss_resolution",
+    "ss_seed",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_module",
+    "ss_network_args",
+    "ss_mixed_precision",
+    "ss_num_train_images",
+    "ss_num_reg_images",
+    "ss_batch_size_per_device",
+    "ss_total_batch_size",
+    "ss_gradient_accumulation_steps",
+    "ss_noise_offset",
+    "ss_clip_skip",
+    "ss_prior_loss_weight",
+    "ss_sd_model_name",
+    "ss_training_comment",
+    "ss_gradient_checkpointing",
+    "ss_min_snr_gamma",
+    "ss_steps",
+)
+
+
+def _fmt_num(x: float | int) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+
+def build_metadata(
+    state: LoraState | None = None,
+    *,
+    rank: int | None = _UNSET,
+    alpha: float | None = _UNSET,
+    base_family: str | None = _UNSET,
+    output_name: str | None = None,
+    title: str | None = None,
+    trigger_words: Iterable[str] | None = None,
+    training_comment: str | None = None,
+    training_settings: Mapping[str, Any] | None = None,
+    merge_recipe: Mapping[str, Any] | None = None,
+    source_hashes: Mapping[str, str] | None = None,
+    description: str | None = None,
+    created: float | None = None,
+    existing: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Return string metadata with kohya ``ss_*`` minimum keys, ``modelspec.*`` keys and ``lora_workbench.*`` keys.
+
+    Args:
+        state: when given, rank, alpha and base family default to what its modules and metadata say.
+        rank: network dim; ``None`` when modules differ (written as kohya's ``"Dynamic"``).
+        alpha: network alpha; ``None`` when modules differ (``"Dynamic"``); defaults to the rank without a state.
+        base_family: ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``, ``"flux"``; None leaves the family keys out.
+        output_name: kohya ``ss_output_name`` and the default title.
+        title: ``modelspec.title`` (default: ``output_name``).
+        trigger_words: words for ``modelspec.trigger_phrase`` (comma-joined) and ours (JSON list); None keeps
+            those :func:`trigger_words` finds in ``existing``.
+        training_comment: kohya ``ss_training_comment``.
+        training_settings: JSON-able settings, stored as ``lora_workbench.training_settings``.
+        merge_recipe: JSON-able merge description, stored as ``lora_workbench.merge_recipe``.
+        source_hashes: file name -> sha256, stored as ``lora_workbench.source_hashes``.
+        description: ``modelspec.description``.
+        created: epoch seconds for ``modelspec.date`` (default: now).
+        existing: metadata to start from; its keys are kept unless a value is given here.
+
+    Returns:
+        The metadata dict; every value is a ``str``.
+
+    Raises:
+        ValueError: for an unknown ``base_family`` or a rank below 1.
+        TypeError: for ``existing`` values that are not strings.
+    """
+    meta: dict[str, str] = {}
+    for k, v in (existing or {}).items():
+        if not isinstance(v, str):
+            raise TypeError(f"existing metadata value for '{k}' must be a str, got {type(v).__name__}")
+        meta[str(k)] = v
+    if state is not None:
+        ranks = state.ranks
+        alphas = {float(m.alpha) if m.alpha is not None else float(m.rank) for m in state.modules.values()}
+        if rank is _UNSET:
+            rank = next(iter(ranks)) if len(ranks) == 1 else None
+        if alpha is _UNSET:
+            alpha = next(iter(alphas)) if len(alphas) == 1 else None
+        if base_family is _UNSET:
+            base_family = _find_family(state, {**state.metadata, **meta})
+    if rank is _UNSET:
+        rank = None
+    if alpha is _UNSET:
+        alpha = float(rank) if rank is not None else None
+    if base_family is _UNSET:
+        base_family = _family_from_metadata(meta)
+    if base_family is not None and base_family not in FAMILIES:
+        raise ValueError(f"unknown base family '{base_family}'; expected one of {sorted(FAMILIES)}")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if trigger_words is None:
+        # Only explicit trigger words carry over; kohya's tag counts are a guess, not something to write down.
+        words = _find_trigger_words(meta, max_tags=0)
+    else:
+        words = _dedupe(w.strip() for w in trigger_words if w and w.strip())
+    dim = "Dynamic" if rank is None else str(rank)
+    alpha_s = "Dynamic" if alpha is None else _fmt_num(alpha)
+    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    meta.update(
+        {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": dim,
+            "ss_network_alpha": alpha_s,
+            "modelspec.sai_model_spec": "1.0.0",
+            OURS + "rank": dim,
+            OURS + "alpha": alpha_s,
+            OURS + "trigger_words": json.dumps(words),
+        }
+    )
+    meta.setdefault("modelspec.date", date)
+    if created is not None:
+        meta["modelspec.date"] = date
+    for key, value in (("ss_output_name", output_name), ("ss_training_comment", training_comment)):
+        if value is not None or key not in meta:
+            meta[key] = value or ""
+    if title or output_name or "modelspec.title" not in meta:
+        meta["modelspec.title"] = title or output_name or ""
+    if words:
+        meta["modelspec.trigger_phrase"] = ", ".join(words)
+    else:
+        meta.pop("modelspec.trigger_phrase", None)
+    if description:
+        meta["modelspec.description"] = description
+    if base_family is not None:
+        ss_version, arch, impl, res = FAMILIES[base_family]
+        meta["ss_base_model_version"] = ss_version
+        meta["ss_v2"] = str(base_family == "sd2")
+        meta["modelspec.architecture"] = f"{arch}/lora"
+        meta["modelspec.implementation"] = impl
+        meta["modelspec.resolution"] = res
+        meta[OURS + "base_family"] = base_family
+    if training_settings is not None:
+        meta[OURS + "training_settings"] = json.dumps(dict(training_settings), sort_keys=True)
+    if merge_recipe is not None:
+        meta[OURS + "merge_recipe"] = json.dumps(dict(merge_recipe), sort_keys=True)
+    if source_hashes is not None:
+        meta[OURS + "source_hashes"] = json.dumps(dict(source_hashes), sort_keys=True)
+    return meta
+
+
+def _dedupe(words: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out: list[str] = []
+    for w in words:
+        k = w.casefold()
+        if k not in seen:
+            seen.add(k)
+            out.append(w)
+    return out
+
+
+def _json_or_none(raw: str | None) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+
+
+def trigger_words(metadata: Mapping[str, str], *, max_tags: int = 5) -> list[str]:
+    """Return trigger words: ours, then ``modelspec.trigger_phrase``, then kohya's most frequent tags.
+
+    Args:
+        metadata: file metadata.
+        max_tags: how many of the most frequent ``ss_tag_frequency`` tags to add (summed over datasets).
+
+    Returns:
+        Words deduplicated case-insensitively, first spelling and order kept.
+    """
+    words: list[str] = []
+    ours = _json_or_none(metadata.get(OURS + "trigger_words"))
+    if isinstance(ours, list):
+        words += [str(w) for w in ours]
+    elif metadata.get(OURS + "trigger_words"):
+        words += metadata[OURS + "trigger_words"].split(",")
+    words += (metadata.get("modelspec.trigger_phrase") or "").split(",")
+    freq = _json_or_none(metadata.get("ss_tag_frequency"))
+    if isinstance(freq, dict) and max_tags > 0:
+        counts: dict[str, int] = {}
+        for tags in freq.values():
+            if isinstance(tags, dict):
+                for tag, n in tags.items():
+                    t = str(tag).strip()
+                    if t:
+                        counts[t] = counts.get(t, 0) + int(n)
+        # sorted() is stable, so equal counts keep their first-seen order.
+        words += sorted(counts, key=lambda t: -counts[t])[:max_tags]
+    return _dedupe(w.strip() for w in words if w.strip())
+
+
+def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    ours = metadata.get(OURS + "base_family")
+    if ours in FAMILIES:
+        return ours
+    ver = (metadata.get("ss_base_model_version") or "").lower()
+    for lead, fam in _SS_VERSION_TO_FAMILY:
+        if ver.startswith(lead):
+            return fam
+    arch = (metadata.get("modelspec.architecture") or "").lower()
+    for lead, fam in _ARCH_TO_FAMILY:
+        if arch.startswith(lead):
+            return fam
+    if (metadata.get("ss_v2") or "").lower() == "true":
+        return "sd2"
+    return None
+
+
+def _in_features(obj: LoraState | Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Return ``(module key, in features)`` for every down factor."""
+    if isinstance(obj, LoraState):
+        return [(name, int(m.down.shape[1])) for name, m in obj.modules.items()]
+    out = []
+    for k, t in obj.items():
+        if re.search(r"(\.lora_down\.weight|\.lora_A(\.[^.]+)?\.weight|\.lora\.down\.weight|\.hada_w1_b)$", k):
+            out.append((k, int(t.shape[1]) if t.dim() >= 2 else 0))
+    return out
+
+
+def base_family(sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str | None:
+    """Return the base model family of a LoRA: from metadata, else from its keys and shapes.
+
+    Metadata wins (``lora_workbench.base_family``, ``ss_base_model_version``, ``modelspec.architecture``,
+    ``ss_v2``). From keys: Flux ``double_blocks``/``single_blocks``, SD3 ``joint_blocks``, SDXL ``lora_te1``/
+    ``lora_te2`` or cross-attention ``to_k`` input 2048; SD1 for 768, SD2 for 1024 (cross-attention or
+    text-encoder width).
+
+    Returns:
+        ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or None when it cannot be told.
+    """
+    meta = metadata if metadata is not None else (sd.metadata if isinstance(sd, LoraState) else {})
+    fam = _family_from_metadata(meta)
+    if fam:
+        return fam
+    pairs = _in_features(sd)
+    names = [n.replace(".", "_") for n, _ in pairs]
+    if any("double_blocks" in n or "single_blocks" in n or "single_transformer_blocks" in n for n in names):
+        return "flux"
+    if any("joint_blocks" in n for n in names):
+        return "sd3"
+    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2_", "text_encoders_clip_g")) for n in names):
+        return "sdxl"
+    for n, width in zip(names, (w for _, w in pairs)):
+        if "attn2" in n and ("to_k" in n or "to_v" in n):
+            return {2048: "sdxl", 1024: "sd2", 768: "sd1"}.get(width)
+    for n, width in zip(names, (w for _, w in pairs)):
+        if ("lora_te_" in n or n.startswith("text_encoder")) and ("q_proj" in n or "k_proj" in n):
+            return {768: "sd1", 1024: "sd2"}.get(width)
+    return None
+
+
+def training_settings(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Return training settings: ours (parsed JSON) plus kohya ``ss_*`` settings under their names without ``ss_``.
+
+    Kohya values that are numbers are returned as numbers; ours win when both name a setting.
+
+    Returns:
+        A flat dict (empty when the file records nothing).
+    """
+    out: dict[str, Any] = {}
+    for key in _KOHYA_SETTINGS:
+        raw = metadata.get(key)
+        if raw is None or raw == "" or raw == "None":
+            continue
+        value: Any = raw
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
+        out[key[len("ss_") :]] = value
+    ours = _json_or_none(metadata.get(OURS + "training_settings"))
+    if isinstance(ours, dict):
+        out.update(ours)
+    return out
+
+
+def describe(state_or_sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> dict:
+    """Return a summary for a LoRA Info display.
+
+    Args:
+        state_or_sd: a state, or a raw state dict (converted with :func:`keys.state_from_dict`).
+        metadata: file metadata (default: the state's).
+
+    Returns:
+        A dict with ``format``, ``modules``, ``unet_modules``, ``te_modules``, ``conv_modules``, ``ranks``,
+        ``alphas`` (sorted distinct values; an absent alpha counts as the rank), ``family``, ``trigger_words``,
+        ``training_settings``, ``extras`` (names of kept non-factor tensors), ``title`` and ``merge_recipe``.
+
+    Raises:
+        UnsupportedLoraError, NotALoraError, ValueError: as :func:`keys.state_from_dict` for a raw dict.
+    """
+    from . import keys
+
+    if isinstance(state_or_sd, LoraState):
+        state, fmt = state_or_sd, "state"
+        meta = dict(metadata if metadata is not None else state.metadata)
+    else:
+        meta = dict(metadata or {})
+        fmt = keys.detect_format(state_or_sd).value
+        state = keys.state_from_dict(state_or_sd, meta)
+    mods = state.modules
+    return {
+        "format": fmt,
+        "modules": len(mods),
+        "unet_modules": sum(1 for n in mods if n.startswith("lora_unet_")),
+        "te_modules": sum(1 for n in mods if n.startswith("lora_te")),
+        "conv_modules": sum(1 for m in mods.values() if m.is_conv),
+        "ranks": sorted(state.ranks),
+        "alphas": sorted({float(m.alpha) if m.alpha is not None else float(m.rank) for m in mods.values()}),
+        "family": base_family(state, meta),
+        "trigger_words": trigger_words(meta),
+        "training_settings": training_settings(meta),
+        "extras": sorted(state.extras),
+        "title": meta.get("modelspec.title") or meta.get("ss_output_name") or "",
+        "merge_recipe": _json_or_none(meta.get(OURS + "merge_recipe")),
+    }
+
+
+# build_metadata's keyword arguments shadow these two functions' names inside it.
+_find_family = base_family
+_find_trigger_words = trigger_words

@@ -1,0 +1,117 @@
+"""HTTP routes under ``/lora_workbench/`` for the frontend (LoRA info: trigger words, rank, alpha...).
+
+``register_routes(PromptServer.instance.routes)`` adds them; it is called once when the pack loads.
+The handlers only translate: files are read through ``lora.safeio`` (validated, cached by path, size
+and mtime) and summarised by ``lora.metadata``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import folder_paths
+
+from ..lora import metadata as lora_metadata
+from ..lora import safeio
+from ..lora.stack import resolve_lora_name
+
+log = logging.getLogger(__name__)
+
+INFO_PATH = "/lora_workbench/info"
+
+
+def _scalar_or_list(values: list) -> Any:
+    """One value as itself, several as the sorted list, none as None."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def lora_info(name: str) -> dict:
+    """Return the info panel's JSON for a LoRA name as the frontend has it (any separator, path ok).
+
+    Returns:
+        ``{name, exists, rank, alpha, base_family, trigger_words, training_settings, error}`` plus
+        ``resolved`` (the entry of ComfyUI's list) and ``title``. ``rank``/``alpha`` are a number, or a
+        sorted list when modules differ. A missing or unreadable file gives ``exists`` False or an
+        ``error`` message naming the file; this function does not raise for those.
+    """
+    out: dict[str, Any] = {
+        "name": name,
+        "exists": False,
+        "resolved": None,
+        "rank": None,
+        "alpha": None,
+        "base_family": None,
+        "trigger_words": [],
+        "training_settings": {},
+        "title": "",
+        "error": None,
+    }
+    try:
+        resolved = resolve_lora_name(name, folder_paths.get_filename_list("loras"))
+    except LookupError as e:
+        out["error"] = str(e)
+        return out
+    path = folder_paths.get_full_path("loras", resolved)
+    if path is None:
+        out["error"] = f"LoRA '{name}' not found in folder 'loras'"
+        return out
+    out["exists"] = True
+    out["resolved"] = resolved
+    try:
+        # Only .safetensors: the panel never unpickles (a .ckpt named here reports the refusal).
+        tensors, md = safeio.read_safetensors(path)
+        desc = lora_metadata.describe(tensors, md)
+    except (ValueError, OSError) as e:
+        out["error"] = str(e)
+        return out
+    out.update(
+        rank=_scalar_or_list(desc.get("ranks") or []),
+        alpha=_scalar_or_list([int(a) if float(a).is_integer() else a for a in desc.get("alphas") or []]),
+        base_family=desc.get("family"),
+        trigger_words=list(desc.get("trigger_words") or []),
+        training_settings=dict(desc.get("training_settings") or {}),
+        title=desc.get("title") or "",
+    )
+    return out
+
+
+def register_routes(routes) -> None:
+    """Add the pack's routes to an aiohttp ``RouteTableDef`` (``PromptServer.instance.routes``)."""
+    from aiohttp import web
+
+    @routes.get(INFO_PATH)
+    async def get_lora_info(request: web.Request) -> web.Response:
+        name = request.query.get("name", "")
+        if not name:
+            return web.json_response({"error": "query parameter 'name' is required"}, status=400)
+        # Reading a large file takes a moment: keep the server's event loop free meanwhile.
+        info = await asyncio.get_running_loop().run_in_executor(None, lora_info, name)
+        return web.json_response(info)
+
+
+_registered = False
+
+
+def register_with_server() -> bool:
+    """Register the routes on the running ComfyUI server, once; return whether they are registered.
+
+    Headless runs (the executor imported as a library) have no server: nothing is done there. The
+    ``server`` module is looked up in ``sys.modules`` rather than imported, so a headless process never
+    imports the web server. ComfyUI 0.3.75 does not call ``ComfyExtension.on_load``; call this from
+    ``get_node_list``, which runs before the server adds its route table to the app.
+    """
+    global _registered
+    if _registered:
+        return True
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    register_routes(instance.routes)
+    _registered = True
+    return True

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Make the browser tests runnable: Debian's chromium and the Python playwright package.
+# Never `playwright install`: it downloads its own browser, which fails on these machines;
+# the tests launch /usr/bin/chromium (or $LORA_WORKBENCH_CHROMIUM) instead.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CHROMIUM=${LORA_WORKBENCH_CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$CHROMIUM" ]; then
+    SUDO=""
+    if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+fi
+
+VPY=.venv/bin/python
+if ! "$VPY" -c "import playwright" 2>/dev/null; then
+    "$VPY" -m pip install -q playwright
+fi

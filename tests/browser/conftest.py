@@ -1,0 +1,239 @@
+"""A real ComfyUI server on loopback with this pack, and Debian's Chromium driven by Playwright.
+
+``scripts/install_browser.sh`` installs both. One server and one browser per session; each test
+gets the page with an empty graph in the renderer it asks for. Screenshots go to
+``.cache/browser-artifacts/`` (git-ignored), the server log too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lora_workbench.headless import comfy_env
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / ".cache" / "browser-artifacts"
+CHROMIUM = os.environ.get("LORA_WORKBENCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The frontend's own console noise: optional files a fresh install does not have.
+HARMLESS_CONSOLE = ("user.css", "comfy.templates.json", "Failed to load resource", "favicon")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (loopback only)
+        return r.read()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    """A ComfyUI base directory: this pack in custom_nodes, the tiny checkpoint, three LoRAs."""
+    base = tmp_path_factory.mktemp("browser_comfy")
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("make_fixtures.py")), str(base)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    # Another checkout of the pack (e.g. one with local wiring) can be tested in place of this one.
+    other = os.environ.get("LORA_WORKBENCH_BROWSER_PACK")
+    if other:
+        link = base / "custom_nodes" / comfy_env.PACK_DIR_NAME
+        link.unlink()
+        link.symlink_to(Path(other).resolve(), target_is_directory=True)
+    (base / "fixtures.json").write_text(json.dumps(info))
+    return base
+
+
+@pytest.fixture(scope="session")
+def fixtures_info(comfy_base) -> dict:
+    return json.loads((comfy_base / "fixtures.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def server(comfy_base, artifacts):
+    """The URL of a ComfyUI server started from the pinned tree with ``--cpu`` on a free loopback port."""
+    comfy = comfy_env.comfyui_path()
+    main = comfy / "main.py"
+    if not main.is_file():
+        raise FileNotFoundError(f"No ComfyUI at {comfy}: run scripts/setup.sh")
+    port = _free_port()
+    log_path = artifacts / "server.log"
+    log = open(log_path, "w")
+    cmd = [
+        sys.executable,
+        str(main),
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(comfy_base),
+        "--disable-api-nodes",
+        "--database-url",
+        "sqlite:///:memory:",
+        "--preview-method",
+        "none",
+    ]
+    proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {proc.returncode}; log: {log_path}")
+            try:
+                info = json.loads(_get(f"{url}/object_info/LoraWorkbenchStack"))
+                if "LoraWorkbenchStack" not in info:
+                    raise RuntimeError(f"ComfyUI did not load LoRA Workbench; log: {log_path}")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ComfyUI did not answer on {url} within 180 s; log: {log_path}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def node_types(server) -> set[str]:
+    """Node ids the server offers."""
+    return set(json.loads(_get(f"{server}/object_info", timeout=30)))
+
+
+@pytest.fixture(scope="session")
+def browser_context():
+    """A persistent Chromium context on a fresh profile folder."""
+    if not Path(CHROMIUM).exists():
+        raise FileNotFoundError(f"{CHROMIUM} is missing: run scripts/install_browser.sh")
+    from playwright.sync_api import sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="lw-chromium-")
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 900},
+        )
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+class ComfyPage:
+    """The ComfyUI page and the helpers the tests share."""
+
+    def __init__(self, page, url: str, artifacts: Path):
+        self.page = page
+        self.url = url
+        self.artifacts = artifacts
+        self.console_errors: list[str] = []
+        self.page_errors: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+
+    def _on_console(self, msg) -> None:
+        if msg.type == "error" and not any(h in msg.text for h in HARMLESS_CONSOLE):
+            self.console_errors.append(msg.text)
+
+    def open(self) -> None:
+        page = self.page
+        page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+        page.goto(self.url)
+        page.wait_for_function("() => window.app && window.app.graph && document.querySelector('#graph-canvas')")
+        page.wait_for_function(
+            "() => window.app.extensions && window.app.extensions.some(e => e.name === 'LoraWorkbench.Stack')"
+        )
+
+    def js(self, expr: str, arg=None):
+        return self.page.evaluate(expr, arg)
+
+    def set_renderer(self, vue: bool) -> None:
+        self.js(
+            "async (on) => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on); }",
+            vue,
+        )
+        self.page.wait_for_timeout(300)
+
+    def clear(self) -> None:
+        self.js("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+
+    def screenshot(self, name: str) -> Path:
+        path = self.artifacts / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    def our_errors(self) -> list[str]:
+        """Uncaught page errors, and console errors that are not the frontend's known noise."""
+        return self.page_errors + self.console_errors
+
+
+@pytest.fixture(scope="session")
+def comfy_page(browser_context, server, artifacts):
+    page = browser_context.new_page()
+    browser_context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
+    cp = ComfyPage(page, server, artifacts)
+    cp.open()
+    yield cp
+    page.close()
+
+
+@pytest.fixture(params=["classic", "vue"])
+def renderer(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def ui(comfy_page, request):
+    """The page with an empty graph, in the renderer a ``renderer`` parameter names (classic by default)."""
+    vue = request.node.callspec.params.get("renderer") == "vue" if hasattr(request.node, "callspec") else False
+    comfy_page.set_renderer(vue)
+    comfy_page.clear()
+    comfy_page.console_errors.clear()
+    comfy_page.page_errors.clear()
+    yield comfy_page
+    comfy_page.screenshot(request.node.name.replace("/", "_").replace("[", "-").replace("]", ""))

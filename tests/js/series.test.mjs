@@ -1,0 +1,131 @@
+// node --test tests/js/ : training progress maths (js/lib/series.js) and info formatting (js/lib/info.js).
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { InfoCache, infoRows, settingsLines } from "../../js/lib/info.js";
+import {
+  PointSeries,
+  ema,
+  formatDuration,
+  formatLoss,
+  niceScale,
+  plotDomain,
+  reduceProgress,
+  scaleLinear,
+  toPixels,
+} from "../../js/lib/series.js";
+
+test("PointSeries keeps the newest points in order when full", () => {
+  const s = new PointSeries(3);
+  for (let i = 1; i <= 5; i++) s.push(i, i * 10);
+  assert.equal(s.length, 3);
+  assert.equal(s.dropped, 2);
+  assert.deepEqual(s.points(), [{ x: 3, y: 30 }, { x: 4, y: 40 }, { x: 5, y: 50 }]);
+  assert.deepEqual(s.extent(), { xmin: 3, xmax: 5, ymin: 30, ymax: 50 });
+});
+
+test("PointSeries skips non-finite losses and restarts when steps go back", () => {
+  const s = new PointSeries(10);
+  s.push(1, 0.5);
+  s.push(2, NaN);
+  s.push(3, Infinity);
+  assert.equal(s.length, 1);
+  assert.equal(s.nonFinite, 2);
+  s.push(1, 0.9); // a new run
+  assert.deepEqual(s.points(), [{ x: 1, y: 0.9 }]);
+  assert.equal(new PointSeries(10).extent(), null);
+});
+
+test("niceScale covers the data with 1-2-5 steps", () => {
+  for (const [lo, hi] of [[0.0123, 0.4871], [1, 1], [-3, 7], [0, 0], [1e-5, 3e-5], [120, 80]]) {
+    const { min, max, step } = niceScale(lo, hi);
+    assert.ok(min <= Math.min(lo, hi) && max >= Math.max(lo, hi), `${lo},${hi} -> ${min},${max}`);
+    const mant = step / 10 ** Math.floor(Math.log10(step));
+    assert.ok([1, 2, 5].some((m) => Math.abs(mant - m) < 1e-9), `step ${step}`);
+    assert.ok(max > min);
+  }
+  assert.deepEqual(niceScale(0.0123, 0.4871), { min: 0, max: 0.6, step: 0.2 });
+  assert.deepEqual(niceScale(0.0123, 0.4871, 5), { min: 0, max: 0.5, step: 0.1 });
+  assert.deepEqual(niceScale(NaN, 1), { min: 0, max: 1, step: 0.25 });
+});
+
+test("scaleLinear and toPixels put low loss at the bottom of the box", () => {
+  assert.equal(scaleLinear(5, 0, 10, 0, 100), 50);
+  assert.equal(scaleLinear(5, 5, 5, 0, 100), 50);
+  const px = toPixels([{ x: 0, y: 0 }, { x: 10, y: 1 }], { x: 10, y: 20, w: 100, h: 50 }, { xmin: 0, xmax: 10, ymin: 0, ymax: 1 });
+  assert.deepEqual(px, [[10, 70], [110, 20]]);
+});
+
+test("plotDomain spans to the total number of steps", () => {
+  const s = new PointSeries(100);
+  s.push(1, 0.4);
+  s.push(2, 0.2);
+  const d = plotDomain(s, 50);
+  assert.equal(d.xmin, 0);
+  assert.equal(d.xmax, 50);
+  assert.ok(d.ymin <= 0.2 && d.ymax >= 0.4);
+  assert.equal(plotDomain(new PointSeries(5), 0).xmax, 1);
+});
+
+test("ema is bias corrected", () => {
+  // Bias correction: a constant series averages to itself from the first point on.
+  for (const v of ema([2, 2, 2])) assert.ok(Math.abs(v - 2) < 1e-12);
+  const smooth = ema([1, 0, 1, 0], 0.5);
+  assert.ok(smooth[3] > 0 && smooth[3] < 1);
+  assert.deepEqual(ema([1, 3], 0), [1, 3]);
+});
+
+test("formatDuration", () => {
+  assert.equal(formatDuration(0), "0:00");
+  assert.equal(formatDuration(59.6), "1:00");
+  assert.equal(formatDuration(754), "12:34");
+  assert.equal(formatDuration(3723), "1:02:03");
+  for (const bad of [null, undefined, -1, NaN, Infinity]) assert.equal(formatDuration(bad), "--:--");
+});
+
+test("formatLoss", () => {
+  assert.equal(formatLoss(0.123456), "0.1235");
+  assert.equal(formatLoss(0.00001234), "1.23e-5");
+  assert.equal(formatLoss(0), "0");
+  assert.equal(formatLoss(NaN), "-");
+});
+
+test("reduceProgress folds progress and done events", () => {
+  let s = reduceProgress(undefined, { type: "progress", detail: { step: 3, total: 10, loss: 0.5, elapsed: 6, eta: 14 } });
+  assert.deepEqual(
+    [s.status, s.step, s.total, s.loss, s.elapsed, s.eta],
+    ["running", 3, 10, 0.5, 6, 14],
+  );
+  s = reduceProgress(s, { type: "progress", detail: { step: 4, total: 10, loss: NaN, elapsed: 8 } });
+  assert.equal(s.loss, 0.5, "a NaN loss keeps the last shown value");
+  assert.equal(s.eta, null);
+  s = reduceProgress(s, { type: "done", detail: { file: "me.safetensors", steps: 10 } });
+  assert.deepEqual([s.status, s.step, s.file, s.eta], ["done", 10, "me.safetensors", 0]);
+  assert.equal(reduceProgress(s, { type: "reset" }).status, "idle");
+});
+
+test("infoRows and settingsLines", () => {
+  const rows = infoRows({ rank: 8, alpha: [4, 8], base_family: "sd1" });
+  assert.deepEqual(rows.map((r) => r.value), ["8", "4, 8", "SD 1.x"]);
+  assert.deepEqual(infoRows({ rank: null, alpha: null, base_family: null }).map((r) => r.value), ["-", "-", "-"]);
+  assert.deepEqual(settingsLines({ lr: 0.0001, b: { x: 1 } }), ['b: {"x":1}', "lr: 0.0001"]);
+  assert.deepEqual(settingsLines(null), []);
+});
+
+test("InfoCache fetches each name once and caches failures", async () => {
+  let calls = 0;
+  const cache = new InfoCache(async (name) => {
+    calls += 1;
+    if (name === "bad") throw new Error("boom");
+    return { name, exists: true };
+  });
+  const [a, b] = await Promise.all([cache.get("x"), cache.get("x")]);
+  assert.equal(a, b);
+  assert.equal(calls, 1);
+  const bad = await cache.get("bad");
+  assert.deepEqual([bad.exists, bad.error], [false, "boom"]);
+  assert.equal(cache.peek("x").exists, true);
+  cache.clear();
+  await cache.get("x");
+  assert.equal(calls, 3);
+});
