@@ -154,7 +154,8 @@ const CSS = `
 .lw-footer button.lw-add { height: 22px; padding: 0 8px; cursor: pointer; background: var(--comfy-menu-bg, #333);
   color: inherit; border: 1px solid var(--border-color, #555); border-radius: 3px; }
 .lw-sum { margin-left: auto; font-variant-numeric: tabular-nums; }
-.lw-warning { display: none; color: #111; background: #fa3; border-radius: 3px; padding: 2px 6px; font-weight: 600; }
+.lw-warning { display: none; color: #111; background: #fa3; border-radius: 3px; padding: 0 6px; height: 20px;
+  line-height: 20px; font-weight: 600; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .lw-root.lw-over .lw-warning { display: block; }
 .lw-root.lw-over .lw-sum { color: #fa3; font-weight: 600; }
 .lw-panel { display: grid; grid-template-columns: auto 1fr; gap: 2px 8px; align-items: baseline; }

@@ -19,8 +19,16 @@ import * as R from "./lib/rows.js";
 const NODE_CLASS = "LoraWorkbenchStack";
 const ROWS_WIDGET = "rows";
 const SEPARATE_CLIP = "separate_clip_strength";
-const ROW_HEIGHT = 49; // .lw-row height + gap (px), used for the widget's layout height
-const CHROME_HEIGHT = 64; // footer, warning line and padding
+// Layout heights (px) matching the stylesheet in common.js: a row plus the gap, the footer
+// line with padding, the warning line, the error line.
+const ROW_HEIGHT = 49;
+const FOOTER_HEIGHT = 34;
+const WARNING_HEIGHT = 24;
+const ERROR_HEIGHT = 18;
+
+function setChildren(parent, ...children) {
+  parent.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined));
+}
 
 class StackEditor {
   constructor(node, rowsWidget) {
@@ -81,7 +89,10 @@ class StackEditor {
   }
 
   height() {
-    return CHROME_HEIGHT + Math.max(1, this.rows.length) * ROW_HEIGHT + (this.error ? 18 : 0);
+    const over = R.overLimit(R.strengthSum(this.rows));
+    return (
+      FOOTER_HEIGHT + this.rows.length * ROW_HEIGHT + (over ? WARNING_HEIGHT : 0) + (this.error ? ERROR_HEIGHT : 0)
+    );
   }
 
   /** Grow or shrink the node to its content (classic renderer; Nodes 2.0 sizes from the DOM). */
@@ -96,12 +107,15 @@ class StackEditor {
   updateSummary() {
     const sum = R.strengthSum(this.rows);
     const over = R.overLimit(sum);
+    const changed = this.root.dataset.over !== undefined && this.root.dataset.over !== String(over);
     this.sumEl.textContent = `Total strength ${R.formatStrength(sum)}`;
     this.root.classList.toggle("lw-over", over);
     this.root.dataset.sum = String(sum);
     this.root.dataset.over = String(over);
-    this.warning.textContent = over
-      ? `Summed model strength ${R.formatStrength(sum)} is above ${R.STRENGTH_LIMIT.toFixed(1)}: images tend to break.`
+    this.warning.textContent = over ? `Total ${R.formatStrength(sum)} > ${R.STRENGTH_LIMIT.toFixed(1)}: images may break` : "";
+    this.warning.title = over
+      ? `The enabled rows' model strengths add up to ${R.formatStrength(sum)}. Above ${R.STRENGTH_LIMIT.toFixed(1)} ` +
+        "images tend to over-bake; lower some strengths."
       : "";
     const missing = R.missingRows(this.rows, lorasNow());
     this.root.dataset.missing = missing.join(",");
@@ -109,6 +123,7 @@ class StackEditor {
       rowEl.classList.toggle("lw-missing", missing.includes(i));
       rowEl.classList.toggle("lw-off", !this.rows[i]?.on);
     });
+    if (changed) this.fitNode();
   }
 
   render() {
@@ -184,22 +199,22 @@ class StackEditor {
         ? el("span", { title: "This row's CLIP strength differs; tick 'CLIP strength' to edit it" }, `clip ${R.formatStrength(row.strength_clip)}`)
         : null;
     if (!row.lora) {
-      sub.replaceChildren("No LoRA chosen");
+      setChildren(sub, "No LoRA chosen");
       return;
     }
     if (isMissing) {
-      sub.replaceChildren(el("span.lw-status-missing", { title: "Not in ComfyUI's LoRA list: this row will fail when queued" }, "Missing: not found in models/loras"), clipNote);
+      setChildren(sub, el("span.lw-status-missing", { title: "Not in ComfyUI's LoRA list: this row will fail when queued" }, "Missing: not found in models/loras"), clipNote);
       return;
     }
     const show = (info) => {
       const words = info?.trigger_words ?? [];
-      if (info?.error && !words.length) sub.replaceChildren(el("span", { title: info.error }, "no info"), clipNote);
-      else if (!words.length) sub.replaceChildren("no trigger words", clipNote);
-      else sub.replaceChildren(...triggerChips(words, this.root), clipNote);
+      if (info?.error && !words.length) setChildren(sub, el("span", { title: info.error }, "no info"), clipNote);
+      else if (!words.length) setChildren(sub, "no trigger words", clipNote);
+      else setChildren(sub, ...triggerChips(words, this.root), clipNote);
     };
     const cached = infoCache.peek(row.lora);
     if (cached) return show(cached);
-    sub.replaceChildren("…", clipNote);
+    setChildren(sub, "…", clipNote);
     infoCache.get(row.lora).then((info) => {
       if (sub.isConnected || sub.parentElement) show(info);
     });
@@ -224,8 +239,10 @@ app.registerExtension({
     const rowsWidget = node.widgets?.find((w) => w.name === ROWS_WIDGET);
     if (!rowsWidget) return;
     injectStyle();
-    // Hide the raw JSON in both renderers: `hidden` for the canvas, `options.hidden` for Nodes 2.0.
+    // Hide the raw JSON in both renderers: `hidden` for the canvas (type "hidden" also gives the
+    // textarea no layout height), `options.hidden` for Nodes 2.0. Its value is still saved and sent.
     rowsWidget.hidden = true;
+    rowsWidget.type = "hidden";
     rowsWidget.options = { ...(rowsWidget.options ?? {}), hidden: true };
     node.properties ??= {};
     if (!(SEPARATE_CLIP in node.properties)) node.properties[SEPARATE_CLIP] = false;

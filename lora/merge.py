@@ -141,12 +141,27 @@ def _qr(a: torch.Tensor, *, want_q: bool = True) -> tuple[torch.Tensor | None, t
     return torch.linalg.householder_product(packed[:, :k], tau[:k]), r
 
 
-def _core_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(left (out, k), s (k,), right (k, in))`` with ``up @ down = left @ diag(s) @ right`` (thin SVD)."""
-    qu, ru = _qr(up)
-    qd, rd = _qr(down.T.contiguous())
-    p, s, vh = torch.linalg.svd(ru @ rd.T, full_matrices=False)
-    return qu @ p, s, vh @ qd.T
+def _core_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Return ``(s, factors)``: the singular values of ``up @ down`` and a callable giving its top-k factors.
+
+    ``up`` (out, R), ``down`` (R, in). QR of ``up`` and ``down^T`` reduces the problem to the SVD of the
+    small core ``R_u @ R_d^T``; ``factors(k)`` returns ``left (out, k)`` and ``right (k, in)`` with
+    ``up @ down ~= left @ diag(s[:k]) @ right``. Q is never formed: ``ormqr`` applies it to the k kept columns
+    only, which is what keeps the cost at a few small QRs per module.
+    """
+    pu, tu = torch.geqrf(up)
+    pd, td = torch.geqrf(down.T.contiguous())
+    ku, kd = min(up.shape), min(down.shape)
+    p, s, vh = torch.linalg.svd(pu[:ku].triu() @ pd[:kd].triu().T, full_matrices=False)
+
+    def factors(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        left = up.new_zeros(up.shape[0], k)
+        left[:ku] = p[:, :k]
+        right_t = down.new_zeros(down.shape[1], k)
+        right_t[:kd] = vh[:k].T
+        return torch.ormqr(pu, tu, left), torch.ormqr(pd, td, right_t).T
+
+    return s, factors
 
 
 def _check_family(states: Sequence[LoraState], sources: Sequence[str]) -> str | None:
@@ -268,14 +283,13 @@ def merge(
             raw_ups.append(up)
         big_u = torch.cat(ups, dim=1)
         big_d = torch.cat(downs, dim=0)
-        t_norm = lowrank_norm(big_u, big_d)
-        total_sq += t_norm**2
-
         if method == "concat":
-            up, down, err = big_u, big_d, 0.0
+            # Exact by construction; the norm of T is only needed for relative errors, which are all 0 here.
+            up, down, err, t_norm = big_u, big_d, 0.0, 0.0
         elif method == "svd":
-            left, s, right = _core_svd(big_u, big_d)
+            s, factors = _core_svd(big_u, big_d)
             s2 = s.double() ** 2
+            t_norm = float(s2.sum().sqrt())
             cap = min(big_u.shape[1], big_u.shape[0], big_d.shape[1])
             k = cap if rank is None else min(rank, cap)
             if energy is not None and float(s2.sum()) > 0:
@@ -285,9 +299,10 @@ def merge(
                 k = min(k, k_e)
             k = max(k, 1)
             root = s[:k].sqrt()
+            left, right = factors(k)
             # Split the singular values evenly between the factors so neither grows large (kinder to fp16 files).
-            up = left[:, :k] * root
-            down = root[:, None] * right[:k]
+            up = left * root
+            down = root[:, None] * right
             err = float(s2[k:].sum().sqrt())
             report.energy_kept[n] = float(s2[:k].sum() / s2.sum()) if float(s2.sum()) > 0 else 1.0
         else:
@@ -298,11 +313,13 @@ def merge(
                     f"linear merge needs equal ranks, but module '{n}' has ranks {detail}; use concat (exact) or "
                     f"svd (re-factor to a chosen rank) instead"
                 )
+            t_norm = lowrank_norm(big_u, big_d)
             up = sum(math.sqrt(abs(c)) * u for c, u in zip(coeffs, raw_ups))
             down = sum(math.copysign(math.sqrt(abs(c)), c) * d for c, d in zip(coeffs, downs))
             # True error of the naive product against the exact sum, from factors: T - M = [U, -up] @ [D; down].
             err = lowrank_norm(torch.cat([big_u, -up], dim=1), torch.cat([big_d, down], dim=0))
         err_sq += err**2
+        total_sq += t_norm**2
         report.module_errors[n] = err / t_norm if t_norm > 0 else 0.0
         up_s, down_s = _shape_like(up, down, up_tail, down_tail, dtype)
         out_modules[n] = LoraModule(down=down_s, up=up_s, alpha=float(up_s.shape[1]))

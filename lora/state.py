@@ -93,3 +93,17 @@ class LoraState:
     def ranks(self) -> set[int]:
         """Return the set of ranks used by the modules."""
         return {m.rank for m in self.modules.values()}
+
+    def scaled(self, unet: float, text_encoder: float) -> LoraState:
+        """Return a copy whose deltas are multiplied by ``unet`` (``lora_unet_*``) or ``text_encoder`` (others).
+
+        Only ``up`` is scaled, so ranks and alphas stay as they are; the delta is linear in ``up``.
+        ``extras`` (full deltas) are scaled by the same rule.
+        """
+
+        def factor(name: str) -> float:
+            return unet if name.startswith("lora_unet_") else text_encoder
+
+        modules = {n: LoraModule(m.down, m.up * factor(n), m.alpha, m.mid) for n, m in self.modules.items()}
+        extras = {n: t * factor(n) for n, t in self.extras.items()}
+        return LoraState(modules, dict(self.metadata), extras, self.source)

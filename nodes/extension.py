@@ -5,6 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply_nodes import ApplyLoraStackNode
+from .file_nodes import ConvertLoraNode, LoadLoraNode, LoraInfoNode, SaveLoraNode
+from .merge_nodes import LoraMergeNode
+from .routes import register_with_server
 from .stack_nodes import LoraStackNode, PromptLoraTagsNode
 
 
@@ -12,4 +15,15 @@ class LoraWorkbenchExtension(ComfyExtension):
     """LoRA Workbench's nodes."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoraStackNode, ApplyLoraStackNode, PromptLoraTagsNode]
+        # ComfyUI 0.3.75 never calls on_load; this runs before the server adds its route table.
+        register_with_server()
+        return [
+            LoraStackNode,
+            ApplyLoraStackNode,
+            PromptLoraTagsNode,
+            LoraInfoNode,
+            LoadLoraNode,
+            LoraMergeNode,
+            SaveLoraNode,
+            ConvertLoraNode,
+        ]
