@@ -53,8 +53,10 @@ def main() -> None:
     def sample(m):
         return comfy.sample.sample(m, noise, 8, 5.0, "euler", "normal", cond, cond, latent, seed=0, disable_pbar=True)
 
-    print(f"{'LoRAs':>5} {'rank':>4} | {'patch ours':>10} {'patch core':>10} {'ratio':>6} | "
-          f"{'sample ours':>11} {'sample core':>11} {'ratio':>6}")
+    print(
+        f"{'LoRAs':>5} {'rank':>4} | {'patch ours':>10} {'patch core':>10} {'ratio':>6} | "
+        f"{'sample ours':>11} {'sample core':>11} {'ratio':>6}"
+    )
     for rank in (8, 32):
         names = []
         for i in range(8):
@@ -82,8 +84,10 @@ def main() -> None:
                 t_ours.append(_best(lambda: sample(m_ours), 1))
                 t_core.append(_best(lambda: sample(m_core), 1))
             s_ours, s_core = statistics.median(t_ours), statistics.median(t_core)
-            print(f"{count:>5} {rank:>4} | {patch_ours:>10.4f} {patch_core:>10.4f} {patch_ours / patch_core:>6.2f} | "
-                  f"{s_ours:>11.3f} {s_core:>11.3f} {s_ours / s_core:>6.2f}")
+            print(
+                f"{count:>5} {rank:>4} | {patch_ours:>10.4f} {patch_core:>10.4f} {patch_ours / patch_core:>6.2f} | "
+                f"{s_ours:>11.3f} {s_core:>11.3f} {s_ours / s_core:>6.2f}"
+            )
 
 
 if __name__ == "__main__":

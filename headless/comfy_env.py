@@ -167,6 +167,7 @@ def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = N
 
         comfy.options.enable_args_parsing()
         import comfy.cli_args  # noqa: F401  (parses sys.argv now)
+
         # As ComfyUI's main.py does, before `nodes` puts comfy/ first on sys.path, where
         # comfy/utils.py would otherwise shadow ComfyUI's top-level `utils` package.
         import utils.extra_config  # noqa: F401
@@ -194,6 +195,7 @@ def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None
     base = import_comfy_core(base, extra_args)
     import execution
     import folder_paths
+
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
@@ -202,7 +204,9 @@ def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None
             f"ComfyUI at {comfyui_path()} did not load LoRA Workbench from {base / 'custom_nodes'}; "
             "its log above says why"
         )
-    _runtime = ComfyRuntime(comfyui_path(), base, {"folder_paths": folder_paths, "nodes": nodes, "execution": execution})
+    _runtime = ComfyRuntime(
+        comfyui_path(), base, {"folder_paths": folder_paths, "nodes": nodes, "execution": execution}
+    )
     return _runtime
 
 

@@ -72,15 +72,16 @@ def build_state_dict() -> dict:
 
     Requires ComfyUI to be imported first (``comfy_env.import_comfy_core``).
     """
-    import torch
-
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
     import comfy.ops
     import comfy.sd1_clip
     import comfy.taesd.taesd
+    import torch
 
     torch.manual_seed(SEED)
-    unet = openaimodel.UNetModel(**UNET_CONFIG, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    unet = openaimodel.UNetModel(
+        **UNET_CONFIG, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init
+    )
     _initialise(unet)
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
     _initialise(clip)

@@ -95,12 +95,16 @@ class StackEditor {
     );
   }
 
-  /** Grow or shrink the node to its content (classic renderer; Nodes 2.0 sizes from the DOM). */
-  fitNode() {
+  /**
+   * Fit the node's height to its content (classic renderer; Nodes 2.0 sizes from the DOM). Adding or
+   * removing a row fits exactly; loading only grows, so a node the user enlarged keeps its size.
+   */
+  fitNode({ shrink = true } = {}) {
     const node = this.node;
     if (!node.computeSize || !node.setSize) return;
     const size = node.computeSize();
-    node.setSize([Math.max(node.size[0], size[0]), size[1]]);
+    const height = shrink ? size[1] : Math.max(size[1], node.size[1]);
+    if (height !== node.size[1] || size[0] > node.size[0]) node.setSize([Math.max(node.size[0], size[0]), height]);
     redraw(node);
   }
 
@@ -123,7 +127,7 @@ class StackEditor {
       rowEl.classList.toggle("lw-missing", missing.includes(i));
       rowEl.classList.toggle("lw-off", !this.rows[i]?.on);
     });
-    if (changed) this.fitNode();
+    if (changed) this.fitNode({ shrink: false });
   }
 
   render() {
@@ -134,6 +138,10 @@ class StackEditor {
     const missing = R.missingRows(this.rows, available);
     this.list.replaceChildren(...this.rows.map((row, i) => this.renderRow(row, i, available, missing.includes(i))));
     this.updateSummary();
+    if (this.rows.length !== this.renderedCount) {
+      this.renderedCount = this.rows.length;
+      this.fitNode({ shrink: false });
+    }
   }
 
   renderRow(row, i, available, isMissing) {
@@ -272,6 +280,6 @@ app.registerExtension({
     };
     editor.load();
     loadLoras().then(() => editor.render());
-    requestAnimationFrame(() => editor.fitNode());
+    requestAnimationFrame(() => editor.fitNode({ shrink: false }));
   },
 });

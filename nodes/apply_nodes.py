@@ -42,7 +42,13 @@ class ApplyLoraStackNode(io.ComfyNode):
                 io.Float.Input("adapter_strength", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
                 io.Float.Input("adapter_strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
                 io.Float.Input(
-                    "scale", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True, tooltip="Multiplies every strength."
+                    "scale",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Multiplies every strength.",
                 ),
                 io.String.Input(
                     "block_weights",

@@ -40,7 +40,9 @@ def schedule_of(model) -> ComfySchedule:
     elif isinstance(sampling, comfy.model_sampling.EPS):
         prediction = "epsilon"
     else:
-        raise ValueError(f"Train LoRA supports epsilon and v-prediction models; this one uses {type(sampling).__name__}")
+        raise ValueError(
+            f"Train LoRA supports epsilon and v-prediction models; this one uses {type(sampling).__name__}"
+        )
     sigmas = sampling.sigmas.detach().float().cpu()
     # ComfyUI stores sigma_t = sqrt((1 - a_t) / a_t); invert to the cumulative alphas.
     return ComfySchedule(1.0 / (1.0 + sigmas**2), len(sigmas), prediction)
@@ -72,6 +74,11 @@ class ComfyModelApi:
                 self.text_encoder = copy.deepcopy(clip.cond_stage_model).float().requires_grad_(False)
         self.schedule = schedule_of(model)
         self._latent_format = model.model.latent_format
+
+    def fingerprint(self) -> str:
+        """Return a cheap identity of the base weights (a few parameter sums) for the class-image cache."""
+        params = list(self.unet.parameters())[:4]
+        return "-".join(f"{float(p.detach().double().sum()):.6e}" for p in params)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Return cross-attention conditioning ``(B, 77, dim)``; differentiable through a trained text encoder."""

@@ -9,6 +9,7 @@ from .file_nodes import ConvertLoraNode, LoadLoraNode, LoraInfoNode, SaveLoraNod
 from .merge_nodes import LoraMergeNode
 from .routes import register_with_server
 from .stack_nodes import LoraStackNode, PromptLoraTagsNode
+from .train_nodes import ImageFolderDatasetNode, TrainLoraNode
 
 
 class LoraWorkbenchExtension(ComfyExtension):
@@ -26,4 +27,6 @@ class LoraWorkbenchExtension(ComfyExtension):
             LoraMergeNode,
             SaveLoraNode,
             ConvertLoraNode,
+            ImageFolderDatasetNode,
+            TrainLoraNode,
         ]

@@ -42,9 +42,15 @@ class LoraMergeNode(io.ComfyNode):
             "for comparison, with its true error. A weight w reproduces stacking that LoRA at strength w.",
             inputs=[
                 io.Combo.Input("method", options=list(lora_merge.METHODS), default="concat"),
-                io.Int.Input("rank", default=0, min=0, max=4096, tooltip="svd target rank; 0 = the largest input rank."),
+                io.Int.Input(
+                    "rank", default=0, min=0, max=4096, tooltip="svd target rank; 0 = the largest input rank."
+                ),
                 io.Float.Input(
-                    "energy", default=0.0, min=0.0, max=1.0, step=0.001,
+                    "energy",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
                     tooltip="svd: keep the smallest rank holding this share of each module's energy; 0 = off.",
                 ),
                 LoraStack.Input("lora_stack", optional=True, tooltip="Files with model and CLIP strengths."),
@@ -58,7 +64,14 @@ class LoraMergeNode(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, method, rank=0, energy=0.0, lora_stack=None, adapter_1=None, adapter_1_strength=1.0, adapter_2=None,
+        cls,
+        method,
+        rank=0,
+        energy=0.0,
+        lora_stack=None,
+        adapter_1=None,
+        adapter_1_strength=1.0,
+        adapter_2=None,
         adapter_2_strength=1.0,
     ) -> io.NodeOutput:
         states = []
@@ -72,9 +85,7 @@ class LoraMergeNode(io.ComfyNode):
                 states.append(state.scaled(strength, strength))
         if not states:
             raise ValueError("LoRA Merge: nothing to merge; connect a lora_stack or an adapter")
-        result = lora_merge.merge(
-            states, [1.0] * len(states), method, rank=rank or None, energy=energy or None
-        )
+        result = lora_merge.merge(states, [1.0] * len(states), method, rank=rank or None, energy=energy or None)
         result.state.metadata["lora_workbench.merge_report"] = json.dumps(
             {"overall_error": result.report.overall_error, "method": method}
         )

@@ -33,7 +33,12 @@ def txt2img(ckpt_name: str, patch=None, *, text="a photo of a dog", steps=4, siz
     latent = g.node("EmptyLatentImage", id="latent", width=size, height=size, batch_size=1)
     params = dict(SAMPLER, steps=steps)
     ks = g.node(
-        "KSampler", id="sampler", model=model, positive=pos.out(0), negative=neg.out(0), latent_image=latent.out(0),
+        "KSampler",
+        id="sampler",
+        model=model,
+        positive=pos.out(0),
+        negative=neg.out(0),
+        latent_image=latent.out(0),
         **params,
     )
     g.node("SaveLatent", id="save", samples=ks.out(0), filename_prefix="test/latent")
@@ -46,7 +51,12 @@ def core_chain(entries):
     def patch(g, model, clip):
         for i, (name, sm, sc) in enumerate(entries):
             node = g.node(
-                "LoraLoader", id=f"core_lora_{i}", model=model, clip=clip, lora_name=name, strength_model=sm,
+                "LoraLoader",
+                id=f"core_lora_{i}",
+                model=model,
+                clip=clip,
+                lora_name=name,
+                strength_model=sm,
                 strength_clip=sc,
             )
             model, clip = node.out(0), node.out(1)
@@ -60,8 +70,65 @@ def our_stack(entries, **apply_inputs):
 
     def patch(g, model, clip):
         stack = g.node("LoraWorkbenchStack", id="stack", rows=rows_json(entries))
-        apply = g.node("LoraWorkbenchApplyStack", id="apply", model=model, clip=clip, lora_stack=stack.out(0),
-                       **apply_inputs)
+        apply = g.node(
+            "LoraWorkbenchApplyStack", id="apply", model=model, clip=clip, lora_stack=stack.out(0), **apply_inputs
+        )
         return apply.out(0), apply.out(1)
+
+    return patch
+
+
+TRAIN_DEFAULTS = dict(
+    steps=8,
+    rank=4,
+    alpha=4.0,
+    learning_rate=1e-3,
+    batch_size=2,
+    target="attention",
+    train_text_encoder=False,
+    prior_preservation=False,
+    class_prompt="",
+    num_class_images=2,
+    prior_loss_weight=1.0,
+    class_images_dir="",
+    seed=0,
+    precision="fp32",
+    gradient_checkpointing=False,
+    checkpoint_every=0,
+    run_name="test_run",
+    resume=False,
+)
+
+
+def train_patch(dataset_folder: str, outputs: dict, **train_inputs):
+    """A patch function inserting Image Folder Dataset -> Train LoRA; ``outputs`` gets the train node's handle."""
+
+    def patch(g, model, clip):
+        ds = g.node(
+            "LoraWorkbenchImageFolder",
+            id="dataset",
+            folder=dataset_folder,
+            trigger="sks",
+            class_noun="toy",
+            caption_template="a photo of {trigger} {class_noun}",
+            resolution=64,
+            crop="center",
+            buckets=False,
+            flip=False,
+            repeats=1,
+            caption_dropout=0.0,
+        )
+        ckpt = g.lookup_node("ckpt")
+        train = g.node(
+            "LoraWorkbenchTrain",
+            id="train",
+            model=model,
+            clip=clip,
+            vae=ckpt.out(2),
+            dataset=ds.out(0),
+            **{**TRAIN_DEFAULTS, **train_inputs},
+        )
+        outputs["train"] = train
+        return train.out(0), train.out(1)
 
     return patch

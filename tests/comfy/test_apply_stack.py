@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from graphs import core_chain, our_stack, txt2img
-
 from lora_workbench.headless.example_loras import write_example_lora
 
 pytestmark = pytest.mark.slow
@@ -47,7 +46,8 @@ def test_disabled_rows_are_skipped(run, ckpt_name, lora_names):
     with_off = [(lora_names[0], 1.0, 1.0), (lora_names[1], 1.0, 1.0, False)]
     only_first = [(lora_names[0], 1.0, 1.0)]
     assert torch.equal(
-        _latent(run, *txt2img(ckpt_name, our_stack(with_off))), _latent(run, *txt2img(ckpt_name, our_stack(only_first)))
+        _latent(run, *txt2img(ckpt_name, our_stack(with_off))),
+        _latent(run, *txt2img(ckpt_name, our_stack(only_first))),
     )
 
 

@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from lora_workbench.headless import examples, ui_format
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 

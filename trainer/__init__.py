@@ -1,0 +1,1 @@
+"""The DreamBooth-LoRA training engine: plain torch + peft + diffusers, no ComfyUI import."""

@@ -1,0 +1,59 @@
+"""The small interface through which the trainer sees a diffusion model.
+
+Two implementations: ``trainer.diffusers_backend.DiffusersModelApi`` (library use, fast tests, the
+reference comparison) and ``nodes.comfy_backend.ComfyModelApi`` (ComfyUI's MODEL, CLIP and VAE).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class NoiseSchedule(Protocol):
+    """The model's own discrete DDPM schedule."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float32, cumulative product of (1 - beta_t)
+    num_train_timesteps: int  # T
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+
+class ModelApi(Protocol):
+    """What the training loop needs from a model.
+
+    Attributes:
+        unet: the denoiser module LoRA layers are injected into. Its attention projections are named
+            ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (diffusers and ComfyUI's ldm UNet agree).
+        text_encoder: the text encoder to inject into when training it (projections ``q_proj``,
+            ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``, ``fc2``), or None.
+        schedule: the noise schedule and prediction type.
+        device: where tensors for the model go.
+    """
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    schedule: NoiseSchedule
+    device: torch.device
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Return cross-attention conditioning ``(B, tokens, dim)`` float32 on ``device``.
+
+        Must let gradients flow into LoRA layers injected in ``text_encoder``.
+        """
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the latents the denoiser trains on (already scaled) for images ``(B, 3, H, W)`` in [0, 1]."""
+
+    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Return the denoiser output (epsilon or v, per ``schedule.prediction_type``).
+
+        ``noisy_latents = sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` with ``a_t = alphas_cumprod[t]`` and
+        integer timesteps ``t`` in ``[0, T)``.
+        """
+
+    def generate(self, prompt: str, n: int, seed: int, size: int) -> torch.Tensor:
+        """Return ``n`` images ``(n, 3, size, size)`` in [0, 1] sampled by the frozen base model (class images)."""
+
+    def fingerprint(self) -> str:
+        """Return a short string identifying the base model's weights (keys the class-image cache)."""
