@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         output_root = Path(runtime.folder_paths.get_output_directory())
         for written in collect_outputs(result.ui_outputs, output_root, args.output / path.stem):
             print(written)
+        # Nodes that write elsewhere (Save LoRA into models/loras) report their path as text.
+        for node_output in result.ui_outputs.values():
+            for text in node_output.get("text", []):
+                if str(text).endswith(".safetensors"):
+                    print(text)
     return status
 
 

@@ -158,7 +158,13 @@ class ConvertLoraNode(io.ComfyNode):
             category=CATEGORY_FILES,
             inputs=[
                 _lora_combo(),
-                io.Combo.Input("format", options=FORMATS, default="kohya"),
+                io.Combo.Input(
+                    "format",
+                    options=FORMATS,
+                    default="kohya",
+                    tooltip="kohya: what ComfyUI, A1111 and diffusers all load. peft: diffusers/peft naming "
+                    "(unet.<path>.lora_A); ComfyUI 0.3.75 reads only its text-encoder part.",
+                ),
                 io.String.Input("filename", default="lora_workbench/converted"),
                 io.Boolean.Input("overwrite", default=False),
             ],

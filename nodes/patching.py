@@ -60,7 +60,7 @@ class AppliedLora:
 
     label: str
     strength_model: float
-    strength_clip: float
+    strength_clip: float | None  # None: no CLIP was given
     model_keys: int = 0
     clip_keys: int = 0
     unmatched: list[str] = field(default_factory=list)
@@ -171,7 +171,7 @@ def apply_loras(model, clip, loras: list[LoraToApply], block_weights: dict[str, 
         report = AppliedLora(
             item.label,
             item.strength_model,
-            item.strength_clip,
+            item.strength_clip if new_clip is not None else None,
             unmatched=unmatched,
             trigger_words=lora_metadata.trigger_words(item.metadata),
         )
@@ -205,7 +205,8 @@ def format_report(applied: list[AppliedLora], total_strength: float, warning: st
         lines.append(f"WARNING: {warning}")
     for i, a in enumerate(applied, 1):
         lines.append(
-            f"{i}. {a.label}: model {a.strength_model:g}, clip {a.strength_clip:g}; "
+            f"{i}. {a.label}: model {a.strength_model:g}, "
+            f"clip {'-' if a.strength_clip is None else format(a.strength_clip, 'g')}; "
             f"patched {a.model_keys} model and {a.clip_keys} CLIP weights"
         )
         if a.unmatched:

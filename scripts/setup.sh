@@ -25,4 +25,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # The pinned ComfyUI (its requirements, without torch: that is ours above).
-"$VPY" -m lora_workbench.headless.comfy_env install
+"$VPY" -m lora_workbench.headless.comfy_env install >&2

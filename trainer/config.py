@@ -1,7 +1,14 @@
-"""Training settings: one dataclass whose field help texts also become the nodes' tooltips."""
+"""Training settings: one dataclass whose field help texts also become the nodes' tooltips.
+
+Each field's ``metadata`` holds ``help`` (the tooltip text, ``help_text(name)``) and, where it applies, ``min``,
+``max`` and ``options``, which ``validate()`` enforces and the node layer can reuse for its widgets. Zero means
+"same as" for the derived text-encoder settings (``te_rank``, ``te_alpha``, ``te_learning_rate``) and for
+``alpha``, because ComfyUI widgets have no ``None``.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 TARGET_PRESETS = {
@@ -9,7 +16,12 @@ TARGET_PRESETS = {
     "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
     "all_linear": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
 }
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# CLIP projections (transformers and ComfyUI's CLIP share these names); the MLP only with the ff presets.
+TEXT_ENCODER_TARGETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "attention+ff": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "all_linear": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -36,15 +48,31 @@ class TrainConfig:
         "attention + feed-forward, or all linear layers of the transformer blocks.",
         options=tuple(TARGET_PRESETS),
     )
+    custom_targets: str = _f(
+        "", "Comma-separated module-name suffixes that replace the preset (e.g. 'to_k,to_v'); empty: the preset."
+    )
     learning_rate: float = _f(1e-4, "AdamW learning rate for the UNet LoRA.", min=1e-7, max=1.0)
-    lr_scheduler: str = _f("constant", "Learning-rate schedule after warmup.", options=LR_SCHEDULERS)
+    lr_scheduler: str = _f(
+        "constant",
+        "Learning-rate schedule after warmup: constant, constant_with_warmup, cosine or linear (both decay to 0 at "
+        "the last step). Warmup also applies to 'constant'.",
+        options=LR_SCHEDULERS,
+    )
     warmup_steps: int = _f(0, "Steps of linear learning-rate warmup.", min=0, max=100000)
     batch_size: int = _f(
         1, "Subject images per step (class images are added on top with prior preservation).", min=1, max=64
     )
     grad_accumulation: int = _f(1, "Batches whose gradients add up before one optimizer step.", min=1, max=1024)
-    train_text_encoder: bool = _f(False, "Also train a LoRA on the text encoder's attention and MLP projections.")
-    text_encoder_lr: float = _f(5e-5, "Learning rate of the text-encoder LoRA.", min=1e-7, max=1.0)
+    train_text_encoder: bool = _f(
+        False,
+        "Also train a LoRA on the text encoder: q/k/v/out projections, plus fc1/fc2 with 'attention+ff' or "
+        "'all_linear'. Binds the trigger word faster.",
+    )
+    te_rank: int = _f(0, "Rank of the text-encoder LoRA; 0: the same as rank.", min=0, max=256)
+    te_alpha: float = _f(0.0, "Alpha of the text-encoder LoRA; 0: the same as the UNet alpha.", min=0.0, max=1024.0)
+    te_learning_rate: float = _f(
+        0.0, "Learning rate of the text-encoder LoRA; 0: the same as learning_rate.", min=0.0, max=1.0
+    )
     prior_preservation: bool = _f(
         False,
         "DreamBooth prior preservation: also train on class images (made by "
@@ -59,9 +87,19 @@ class TrainConfig:
     class_images_dir: str = _f("", "Folder of class images to use instead of generating them.")
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is common); 0 turns it off.", min=0.0, max=20.0)
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0 turns it off.", min=0.0, max=1.0)
+    caption_dropout: float = _f(
+        0.0,
+        "Probability of training an image with an empty caption (helps the LoRA work without the trigger); "
+        "above 0 it replaces the dataset's own setting.",
+        min=0.0,
+        max=0.99,
+    )
     seed: int = _f(0, "Seed for noise, timesteps, data order and LoRA initialisation.", min=0, max=2**63 - 1)
     precision: str = _f(
-        "fp32", "Autocast precision; bf16/fp16 only where the device supports them.", options=PRECISIONS
+        "fp32",
+        "Mixed precision: fp32 (off), bf16 or fp16 autocast, honoured only where the device supports it (fp16 "
+        "on CUDA with loss scaling; bf16 on CUDA with bf16 support and on CPU); otherwise fp32 with a warning.",
+        options=PRECISIONS,
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns it off.", min=0.0, max=100.0)
@@ -72,6 +110,7 @@ class TrainConfig:
         min=0,
         max=100000,
     )
+    checkpoint_dir: str = _f("", "Folder for this run's checkpoints; empty: none (unless the caller gives one).")
 
     @property
     def effective_alpha(self) -> float:
@@ -79,18 +118,48 @@ class TrainConfig:
         return float(self.alpha) if self.alpha > 0 else float(self.rank)
 
     @property
-    def target_modules(self) -> tuple[str, ...]:
-        """Return the module-name suffixes the UNet LoRA targets."""
-        return TARGET_PRESETS[self.target]
+    def effective_te_rank(self) -> int:
+        """Return the text-encoder rank (``rank`` when ``te_rank`` is 0)."""
+        return int(self.te_rank) if self.te_rank > 0 else int(self.rank)
 
-    def validate(self) -> None:
-        """Check every field against its range and options.
+    @property
+    def effective_te_alpha(self) -> float:
+        """Return the text-encoder alpha (the UNet's effective alpha when ``te_alpha`` is 0)."""
+        return float(self.te_alpha) if self.te_alpha > 0 else self.effective_alpha
+
+    @property
+    def effective_te_learning_rate(self) -> float:
+        """Return the text-encoder learning rate (``learning_rate`` when ``te_learning_rate`` is 0)."""
+        return float(self.te_learning_rate) if self.te_learning_rate > 0 else float(self.learning_rate)
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Return the module-name suffixes the UNet LoRA targets: ``custom_targets`` if given, else the preset's."""
+        custom = tuple(t.strip() for t in self.custom_targets.split(",") if t.strip())
+        return custom or TARGET_PRESETS[self.target]
+
+    @property
+    def text_encoder_targets(self) -> tuple[str, ...]:
+        """Return the module-name suffixes the text-encoder LoRA targets (by preset)."""
+        return TEXT_ENCODER_TARGETS[self.target]
+
+    def validate(self) -> TrainConfig:
+        """Check every field against its type, range and options.
+
+        Returns:
+            self (so ``TrainConfig(...).validate()`` chains).
 
         Raises:
             ValueError: naming the field, its value and what is allowed.
         """
         for f in fields(self):
             value = getattr(self, f.name)
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
+            # bool is an int subclass: a True rank would otherwise pass as 1.
+            if not isinstance(value, expected) or (f.type in ("int", "float") and isinstance(value, bool)):
+                raise ValueError(f"TrainConfig.{f.name} = {value!r}: expected a {f.type}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{f.name} = {value!r}: must be a finite number")
             lo, hi, options = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("options")
             if options is not None and value not in options:
                 raise ValueError(f"TrainConfig.{f.name} = {value!r}: expected one of {list(options)}")
@@ -98,14 +167,19 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f.name} = {value!r}: must be at least {lo}")
             if hi is not None and value > hi:
                 raise ValueError(f"TrainConfig.{f.name} = {value!r}: must be at most {hi}")
+        return self
 
     def to_dict(self) -> dict:
-        """Return the settings as a plain dict (for metadata and checkpoints)."""
+        """Return the settings as a plain JSON-ready dict (for metadata and checkpoints)."""
         return asdict(self)
 
 
 def help_text(name: str) -> str:
-    """Return the help text of a ``TrainConfig`` field (used as a node tooltip)."""
+    """Return the help text of a ``TrainConfig`` field (used as a node tooltip).
+
+    Raises:
+        KeyError: ``name`` is not a field.
+    """
     for f in fields(TrainConfig):
         if f.name == name:
             return f.metadata["help"]

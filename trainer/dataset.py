@@ -6,6 +6,7 @@ alpha composited on white), everything else is skipped and listed in the report 
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -82,12 +83,16 @@ class ImageDataset:
         lines += [f"skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
-    def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, bool, bool]]]:
+    def epoch_batches(
+        self, batch_size: int, seed: int, epoch: int, caption_dropout: float | None = None
+    ) -> list[list[tuple[int, bool, bool]]]:
         """Return one epoch's batches as lists of ``(example index, flip, drop caption)``.
 
         A pure function of (seed, epoch): a run resumed at any step sees exactly the data it would
-        have seen. Images of one size go together (aspect buckets).
+        have seen. Images of one size go together (aspect buckets). ``caption_dropout`` replaces the
+        options' probability when given.
         """
+        dropout = self.options.caption_dropout if caption_dropout is None else caption_dropout
         rng = random.Random(f"{seed}:{epoch}")
         items = list(range(len(self.examples))) * self.options.repeats
         rng.shuffle(items)
@@ -102,18 +107,20 @@ class ImageDataset:
                         (
                             i,
                             self.options.flip and rng.random() < 0.5,
-                            bool(self.options.caption_dropout) and rng.random() < self.options.caption_dropout,
+                            bool(dropout) and rng.random() < dropout,
                         )
                         for i in group[start : start + batch_size]
                     ]
                 )
         return batches
 
-    def batch(self, batch_size: int, seed: int, number: int) -> list[tuple[int, bool, bool]]:
+    def batch(
+        self, batch_size: int, seed: int, number: int, caption_dropout: float | None = None
+    ) -> list[tuple[int, bool, bool]]:
         """Return batch ``number`` (counting from 0 across epochs) of the plan ``epoch_batches`` makes."""
-        per_epoch = len(self.epoch_batches(batch_size, seed, 0))
+        per_epoch = len(self.epoch_batches(batch_size, seed, 0, caption_dropout))
         epoch, index = divmod(number, per_epoch)
-        return self.epoch_batches(batch_size, seed, epoch)[index]
+        return self.epoch_batches(batch_size, seed, epoch, caption_dropout)[index]
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
@@ -138,12 +145,22 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def _bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """Return the (w, h) bucket with about resolution^2 pixels, sides multiples of 64, aspect kept."""
+    """Return the (w, h) bucket for an image: sides multiples of 64, at most resolution^2 pixels.
+
+    The bucket whose aspect ratio is closest to the image's wins (least cropped away), the larger one on a tie.
+    """
     area = resolution * resolution
-    aspect = width / height
-    w = max(BUCKET_STEP, int(round((area * aspect) ** 0.5 / BUCKET_STEP)) * BUCKET_STEP)
-    h = max(BUCKET_STEP, int(round((area / aspect) ** 0.5 / BUCKET_STEP)) * BUCKET_STEP)
-    return w, h
+    aspect = math.log(width / height)
+    best = None
+    for w in range(BUCKET_STEP, 4 * resolution + 1, BUCKET_STEP):
+        h = (area // w) // BUCKET_STEP * BUCKET_STEP
+        if h < BUCKET_STEP:
+            break
+        for hh in range(BUCKET_STEP, h + 1, BUCKET_STEP):
+            key = (round(abs(math.log(w / hh) - aspect), 6), -w * hh)
+            if best is None or key < best[0]:
+                best = (key, (w, hh))
+    return best[1]
 
 
 def _resize_crop(img: Image.Image, size: tuple[int, int], crop: str, rng: random.Random) -> Image.Image:

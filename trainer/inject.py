@@ -1,8 +1,14 @@
-"""LoRA layers in a model through peft, export to ``lora.LoraState``, and removal afterwards."""
+"""LoRA layers in a model through peft, export to ``lora.LoraState``, and removal afterwards.
+
+The module we inject into may belong to someone else (ComfyUI's MODEL lives in the user's graph), so
+``inject_lora`` records what it changes (each parameter's ``requires_grad``, whether ``peft_config`` existed) and
+``remove_adapter`` puts every original layer object back and restores those flags: the base weights are never
+merged into or written to, so after removal the module has the same parameters, names and values as before.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -11,6 +17,8 @@ from peft.tuners.lora import LoraLayer
 from ..lora.state import LoraModule, LoraState
 
 ADAPTER = "default"
+# Attribute under which inject_lora keeps what remove_adapter must restore (a plain dict: not a submodule).
+_SAVED = "_lora_workbench_saved"
 
 
 def _targets(module: torch.nn.Module, suffixes: Iterable[str]) -> dict[str, torch.nn.Module]:
@@ -26,7 +34,15 @@ def _targets(module: torch.nn.Module, suffixes: Iterable[str]) -> dict[str, torc
 def inject_lora(
     module: torch.nn.Module, target_modules: Iterable[str], rank: int, alpha: float, dropout: float = 0.0
 ) -> list[str]:
-    """Add trainable LoRA layers to every matching layer; freeze everything else. Return the layer names.
+    """Add trainable LoRA layers (peft) to every matching layer and freeze everything else.
+
+    Matching follows peft's ``target_modules`` rule: a layer's dotted path equals an entry or ends with
+    ``"." + entry``; only ``nn.Linear`` and ``nn.Conv2d`` layers are wrapped. peft draws ``lora_A`` from torch's
+    global generator (``lora_B`` starts at zero, so the model's output is unchanged until training): seed it first
+    for reproducible runs.
+
+    Returns:
+        The sorted module paths that got a LoRA layer.
 
     Raises:
         ValueError: no layer matches, or the rank exceeds a layer's ``min(in, out)`` (the update could not
@@ -43,6 +59,15 @@ def inject_lora(
                 f"rank {rank} is above the size of layer '{name}' ({tuple(w.shape)}: at most {limit}); "
                 f"use a rank of {limit} or less"
             )
+    if not hasattr(module, _SAVED):
+        setattr(
+            module,
+            _SAVED,
+            {
+                "requires_grad": {n: p.requires_grad for n, p in module.named_parameters()},
+                "had_peft_config": hasattr(module, "peft_config"),
+            },
+        )
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets), bias="none")
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
@@ -74,33 +99,74 @@ def named_lora_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_state(
-    module: torch.nn.Module, prefix: str, alpha: float, name_map: Callable[[str], str] | None = None
+    module: torch.nn.Module,
+    prefix: str,
+    name_map: Callable[[str], str] | Mapping[str, str] | None = None,
+    alpha: float | None = None,
 ) -> LoraState:
-    """Return the trained factors as a ``LoraState`` with kohya names ``<prefix>_<path with _>``.
+    """Return the trained factors as a ``LoraState`` with kohya names ``<prefix>_<path with . -> _>``.
 
     Args:
         module: a module with injected LoRA layers.
-        prefix: ``lora_unet`` or ``lora_te``.
-        alpha: the configured alpha (written as is, never replaced by the rank).
-        name_map: translates a module path first (e.g. ComfyUI's ldm path to the diffusers path).
+        prefix: ``lora_unet`` or ``lora_te``; with ``lora_te`` the path is also put into the kohya/A1111 text-encoder
+            form ``text_model.encoder.layers.N...`` (see ``text_encoder_path``).
+        name_map: translates a module path first (a function or a dict; paths missing from a dict stay as they
+            are), e.g. ComfyUI's ldm UNet paths to the diffusers paths kohya names are built from.
+        alpha: the alpha to record; None takes the alpha peft was configured with (the config's, never the rank).
+
+    Returns:
+        The adapter with float32 CPU copies of ``down`` (``lora_A``, ``(r, in)``) and ``up`` (``lora_B``,
+        ``(out, r)``); the metadata is empty.
+
+    Raises:
+        ValueError: ``module`` has no LoRA layers, or two paths map to the same kohya name.
     """
+    layers = lora_layers(module)
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no LoRA layers to export (inject_lora first)")
+    mapper: Callable[[str], str]
+    if name_map is None:
+        mapper = lambda path: path  # noqa: E731
+    elif isinstance(name_map, Mapping):
+        mapper = lambda path: name_map.get(path, path)  # noqa: E731
+    else:
+        mapper = name_map
     modules = {}
-    for path, layer in sorted(lora_layers(module).items()):
+    for path, layer in sorted(layers.items()):
         down = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
         up = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
-        mapped = name_map(path) if name_map else path
-        modules[f"{prefix}_{mapped.replace('.', '_')}"] = LoraModule(down, up, float(alpha))
+        mapped = mapper(path)
+        if prefix.startswith("lora_te"):
+            mapped = text_encoder_path(mapped)
+        name = f"{prefix}_{mapped.replace('.', '_')}"
+        if name in modules:
+            raise ValueError(f"two LoRA layers map to the kohya name '{name}' (the second is '{path}')")
+        layer_alpha = float(alpha) if alpha is not None else float(layer.lora_alpha[ADAPTER])
+        modules[name] = LoraModule(down, up, layer_alpha)
     return LoraState(modules)
 
 
-def remove_lora(module: torch.nn.Module) -> None:
-    """Put every wrapped layer's original back, leaving ``module`` as it was before ``inject_lora``."""
+def remove_adapter(module: torch.nn.Module) -> None:
+    """Put every wrapped layer's original back and restore ``requires_grad``, leaving ``module`` as before injection.
+
+    The original layer objects (with their untouched weight tensors) are re-attached, so the base weights are
+    bit-identical and any outside reference to them stays valid. A module without LoRA layers is left alone.
+    """
     for name, layer in sorted(lora_layers(module).items(), key=lambda kv: -kv[0].count(".")):
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, layer.get_base_layer())
-    if hasattr(module, "peft_config"):
+    saved = module.__dict__.pop(_SAVED, None)
+    if saved is None:
+        return
+    if not saved["had_peft_config"] and hasattr(module, "peft_config"):
         del module.peft_config
+    for n, p in module.named_parameters():
+        if n in saved["requires_grad"]:
+            p.requires_grad_(saved["requires_grad"][n])
+
+
+remove_lora = remove_adapter  # the earlier name, kept for callers written against it
 
 
 def text_encoder_path(path: str) -> str:

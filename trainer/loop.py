@@ -1,8 +1,13 @@
 """The training loop: DreamBooth-LoRA steps with progress, Cancel and crash-safe checkpoints.
 
-Reproducible and exactly resumable without stored generator positions: the data order, flips, noise,
-timesteps and dropout of step ``s`` are drawn from generators seeded by ``(seed, s)``, so a run resumed
-from a checkpoint at step ``s`` continues as the uninterrupted run would have.
+Reproducible and exactly resumable without depending on stored generator positions: the data order, flips,
+noise, timesteps and dropout of step ``s`` are drawn from generators seeded by ``(seed, s)``, so a run resumed
+from a checkpoint at step ``s`` continues as the uninterrupted run would have. The global generators (torch CPU
+and CUDA, Python, NumPy) are still stored in checkpoints and restored on resume, and the caller's global
+generator states are given back when ``train`` returns.
+
+The model's modules are left as they were: LoRA layers are removed again, and the train/eval flags, gradient
+checkpointing and ``requires_grad`` flags are restored (see ``inject.remove_adapter``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,19 +23,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..lora.state import LoraState
 from . import checkpoint as ckpt
 from . import inject, objective
-from .config import TEXT_ENCODER_TARGETS, TrainConfig
-from .dataset import ImageDataset, load_class_images
+from .config import TrainConfig
+from .dataset import ImageDataset
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training stopped on a problem (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class NonFiniteLossError(TrainingError, FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and value and the last good checkpoint."""
 
 
 @dataclass
@@ -89,66 +98,89 @@ def _make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups)
 
 
-def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+def _enable_gradient_checkpointing(module: torch.nn.Module) -> Callable[[], None]:
+    """Turn on activation recomputation in ``module``; return a function that turns it off again."""
     if hasattr(module, "enable_gradient_checkpointing"):
+        was_on = bool(getattr(module, "is_gradient_checkpointing", False))
         module.enable_gradient_checkpointing()
-        return
+        return (lambda: None) if was_on else module.disable_gradient_checkpointing
     # ComfyUI's ldm UNet has no switch: recompute each transformer block in the backward pass.
+    patched = []
     for m in module.modules():
-        if type(m).__name__ == "BasicTransformerBlock" and not getattr(m, "_lw_checkpointed", False):
-            forward = m.forward
+        if type(m).__name__ == "BasicTransformerBlock" and "forward" not in m.__dict__:
 
-            def checkpointed(*args, _forward=forward, **kwargs):
+            def checkpointed(*args, _forward=m.forward, **kwargs):
                 return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
             m.forward = checkpointed
-            m._lw_checkpointed = True
+            patched.append(m)
+    if not patched:
+        log.warning("gradient checkpointing: %s has no switch and no transformer blocks; not used",
+                    type(module).__name__)
+
+    def undo() -> None:
+        for m in patched:
+            del m.forward  # the instance attribute shadowed the class's forward
+
+    return undo
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype to use, or None for fp32 (with a warning when the request cannot be honoured)."""
+    if config.precision == "fp32":
+        return None
+    if config.precision == "fp16":
+        if device.type == "cuda":
+            return torch.float16
+        log.warning("precision fp16 needs a CUDA device (%s given): training in fp32", device)
+        return None
+    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    log.warning("precision bf16 is not supported on %s: training in fp32", device)
+    return None
+
+
+def _autocast(dtype: torch.dtype | None, device: torch.device):
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
-    if device.type == "cpu" and dtype is torch.float16:
-        return torch.autocast("cpu", enabled=False)  # fp16 autocast on CPU is not supported: train in fp32
     return torch.autocast(device.type, dtype=dtype)
 
 
-def class_image_latents(model_api, config: TrainConfig, prompt: str, resolution: int, cache_dir: Path | None):
-    """Return latents of the class images: from ``config.class_images_dir``, or generated once and cached.
+def _adapter_shape(config: TrainConfig) -> dict:
+    """Return the settings that decide the adapter's tensors (a resumed checkpoint must match them)."""
+    return {
+        "rank": config.rank,
+        "alpha": config.effective_alpha,
+        "target_modules": list(config.target_modules),
+        "train_text_encoder": config.train_text_encoder,
+        "te_rank": config.effective_te_rank if config.train_text_encoder else 0,
+        "te_targets": list(config.text_encoder_targets) if config.train_text_encoder else [],
+    }
 
-    Generated images are cached as PNG under ``cache_dir/class_images/<key>/`` where the key covers the
-    prompt, count, seed, size and the base model's fingerprint, and reused by later runs.
-    """
-    if config.class_images_dir:
-        images = load_class_images(config.class_images_dir, resolution, config.num_class_images, config.seed)
-        stacked = torch.stack(images)
-    else:
-        key = hashlib.sha256(
-            f"{prompt}|{config.num_class_images}|{config.seed}|{resolution}|{model_api.fingerprint()}".encode()
-        ).hexdigest()[:16]
-        folder = Path(cache_dir) / "class_images" / key if cache_dir else None
-        files = sorted(folder.glob("*.png")) if folder and folder.is_dir() else []
-        if len(files) >= config.num_class_images:
-            arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0 for f in files]
-            stacked = torch.from_numpy(np.stack(arrays[: config.num_class_images])).permute(0, 3, 1, 2)
-        else:
-            stacked = model_api.generate(prompt, config.num_class_images, config.seed, resolution).float().cpu()
-            if folder:
-                folder.mkdir(parents=True, exist_ok=True)
-                for i, img in enumerate(stacked):
-                    arr = (img.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-                    Image.fromarray(arr).save(folder / f"{i:04d}.png")
-                stacked = torch.stack(
-                    [
-                        torch.from_numpy(
-                            np.asarray(Image.open(folder / f"{i:04d}.png"), dtype=np.float32) / 255.0
-                        ).permute(2, 0, 1)
-                        for i in range(len(stacked))
-                    ]
-                )
-    with torch.no_grad():
-        return torch.cat([model_api.encode_images(stacked[i : i + 4]) for i in range(0, len(stacked), 4)])
+
+def _global_rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Return the global generators' states as (tensors, JSON part) for a checkpoint."""
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = st
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    return tensors, {"python": [version, list(mt), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_global_rng_state(tensors: dict[str, torch.Tensor], state: dict | None) -> None:
+    if "rng.torch_cpu" in tensors:
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    if state:
+        version, mt, gauss = state["python"]
+        random.setstate((version, tuple(mt), gauss))
+        kind, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def train(
@@ -160,223 +192,286 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     cache_dir: str | Path | None = None,
-    unet_name_map: Callable[[str], str] | None = None,
+    unet_name_map: Callable[[str], str] | dict[str, str] | None = None,
     keep_layers: bool = False,
 ) -> TrainResult:
-    """Train a LoRA on ``dataset`` and return it.
+    """Train a DreamBooth LoRA on ``dataset`` and return it.
 
     Args:
-        model_api: the model (see ``trainer.model_api.ModelApi``); LoRA layers are injected into its
-            ``unet`` (and ``text_encoder``) and removed again at the end unless ``keep_layers``.
+        model_api: the model (see ``trainer.model_api.ModelApi``); LoRA layers are injected into its ``unet``
+            (and ``text_encoder``) and removed again at the end unless ``keep_layers``; the modules' base weights
+            are never changed.
         dataset: from ``trainer.dataset.load_image_folder``.
         config: the settings; validated first.
         callbacks: progress, Cancel and checkpoint hooks.
-        checkpoint_dir: where checkpoints go; None disables them.
-        resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
-        cache_dir: where generated class images are cached.
-        unet_name_map: translates UNet module paths for the exported kohya names.
-        keep_layers: leave the trained LoRA layers in the modules (for evaluating them afterwards).
+        checkpoint_dir: where checkpoints go; None falls back to ``config.checkpoint_dir``; empty disables them.
+        resume: continue from the checkpoint in the checkpoint folder when there is one.
+        cache_dir: where generated class images are cached (None: not cached).
+        unet_name_map: translates UNet module paths for the exported kohya names (a function or a dict).
+        keep_layers: leave the trained LoRA layers in the modules (to evaluate them; call
+            ``inject.remove_adapter`` on ``unet`` and ``text_encoder`` afterwards).
 
     Returns:
-        A ``TrainResult`` (``stopped_reason`` "finished" or "cancelled").
+        A ``TrainResult``: ``stopped_reason`` is "finished" or "cancelled" (``should_stop`` returned True), the
+        state holds kohya-named modules with the configured alpha, ``losses`` one value per step since step 0
+        (including the steps before a resume).
 
     Raises:
-        ValueError: invalid settings (field and value named), or a rank above a layer's size.
-        TrainingError: the loss became NaN or infinite; the last good checkpoint is kept.
-        Exception: whatever ``should_stop`` raised, after the checkpoint is written.
+        ValueError: invalid settings (field and value named), a rank above a layer's size, a text encoder
+            requested but absent, or a checkpoint made with other adapter settings.
+        trainer.dataset.DatasetError: a class-image folder without usable images.
+        NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
+        Exception: whatever ``should_stop`` raised, after a checkpoint is written.
     """
     config.validate()
     callbacks = callbacks or TrainCallbacks()
     started = time.monotonic()
-    device = model_api.device
-    alpha = config.effective_alpha
-    torch.manual_seed(config.seed)  # peft initialises A from the global generator
-    inject.inject_lora(model_api.unet, config.target_modules, config.rank, alpha, config.dropout)
+    device = torch.device(model_api.device)
+    if checkpoint_dir is None:
+        checkpoint_dir = config.checkpoint_dir or None
     te = model_api.text_encoder if config.train_text_encoder else None
-    try:
-        if config.train_text_encoder:
-            if te is None:
-                raise ValueError("train_text_encoder is on, but the model gives no text encoder to train")
-            inject.inject_lora(te, TEXT_ENCODER_TARGETS, config.rank, alpha, config.dropout)
-        if config.gradient_checkpointing:
-            _enable_gradient_checkpointing(model_api.unet)
-        return _run(
-            model_api,
-            dataset,
-            config,
-            callbacks,
-            checkpoint_dir,
-            resume,
-            cache_dir,
-            unet_name_map,
-            te,
-            alpha,
-            device,
-            started,
-        )
-    finally:
-        if not keep_layers:
-            inject.remove_lora(model_api.unet)
-            if te is not None:
-                inject.remove_lora(te)
+    if config.train_text_encoder and te is None:
+        raise ValueError("TrainConfig.train_text_encoder = True, but the model gives no text encoder to train")
 
-
-def _run(
-    model_api, dataset, config, callbacks, checkpoint_dir, resume, cache_dir, unet_name_map, te, alpha, device, started
-) -> TrainResult:
-    unet = model_api.unet
-    groups = [{"params": inject.lora_parameters(unet), "lr": config.learning_rate}]
-    if te is not None:
-        groups.append({"params": inject.lora_parameters(te), "lr": config.text_encoder_lr})
-    optimizer = _make_optimizer(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-
-    # Encode every image (and its mirror when flipping) once: the VAE is frozen.
-    with torch.no_grad():
-        latents = [model_api.encode_images(e.pixels[None]) for e in dataset.examples]
-        flipped = (
-            [model_api.encode_images(e.pixels.flip(-1)[None]) for e in dataset.examples]
-            if (dataset.options.flip)
-            else latents
-        )
-    prior_latents = prior_cond = None
+    # Class images come from the frozen base model, so they are made before any LoRA layer exists.
+    class_pixels = None
     if config.prior_preservation:
-        class_prompt = config.class_prompt or dataset.class_prompt
-        prior_latents = class_image_latents(
-            model_api, config, class_prompt, dataset.examples[0].pixels.shape[-1], cache_dir
+        class_pixels = objective.class_images(
+            model_api, config.class_prompt or dataset.class_prompt, config.num_class_images, config.seed,
+            dataset.options.resolution, cache_dir, config.class_images_dir or None,
         )
-        with torch.no_grad():
-            prior_cond = model_api.encode_prompts([class_prompt]) if te is None else None
-    frozen_cond: dict[str, torch.Tensor] = {}
 
-    def cond_for(prompts: list[str]) -> torch.Tensor:
-        if te is not None:
-            return model_api.encode_prompts(prompts)
-        for p in prompts:
-            if p not in frozen_cond:
-                with torch.no_grad():
-                    frozen_cond[p] = model_api.encode_prompts([p])
-        return torch.cat([frozen_cond[p] for p in prompts])
-
-    losses: list[float] = []
-    start = 0
-    if checkpoint_dir and resume:
-        loaded = ckpt.load_checkpoint(checkpoint_dir)
-        if loaded is not None:
-            start, tensors, state = loaded
-            if state.get("config", {}).get("rank") != config.rank:
-                raise ValueError(
-                    f"checkpoint in {checkpoint_dir} was trained with rank {state['config'].get('rank')}, "
-                    f"not {config.rank}; use another run name or the same settings"
-                )
-            _load_lora_tensors(unet, te, tensors)
-            ckpt.restore_optimizer(optimizer, tensors, state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            losses = list(state["losses"])
-            if "torch_rng" in tensors:
-                torch.set_rng_state(tensors["torch_rng"])
-    resumed_from = start
-    last_checkpoint: Path | None = None
-
-    def write_checkpoint(step: int) -> None:
-        nonlocal last_checkpoint
-        if not checkpoint_dir:
-            return
-        tensors = {f"unet.{k}": v for k, v in inject.named_lora_tensors(unet).items()}
-        if te is not None:
-            tensors.update({f"te.{k}": v for k, v in inject.named_lora_tensors(te).items()})
-        opt_tensors, opt_json = ckpt.flatten_optimizer(optimizer)
-        tensors.update(opt_tensors)
-        tensors["torch_rng"] = torch.get_rng_state()
-        state = {
-            "config": config.to_dict(),
-            "optimizer": opt_json,
-            "scheduler": scheduler.state_dict(),
-            "losses": losses,
-        }
-        last_checkpoint = ckpt.save_checkpoint(checkpoint_dir, step, tensors, state)
-        if callbacks.on_checkpoint:
-            callbacks.on_checkpoint(last_checkpoint)
-
-    unet.train()
-    if te is not None:
-        te.train()
-    params = [p for g in groups for p in g["params"]]
-    n_instance = config.batch_size
-    for step in range(start, config.steps):
-        torch.manual_seed(config.seed * 1_000_003 + step)  # LoRA dropout, reproducible per step
-        total = 0.0
-        for micro in range(config.grad_accumulation):
-            batch = dataset.batch(config.batch_size, config.seed, step * config.grad_accumulation + micro)
-            x0 = torch.cat([(flipped if flip else latents)[i] for i, flip, _ in batch]).to(device)
-            prompts = ["" if drop else dataset.examples[i].caption for i, _, drop in batch]
-            gen = _seeded(config.seed, step, micro)
-            with _autocast(config, device):
-                cond = cond_for(prompts)
-                n_instance = x0.shape[0]
-                if prior_latents is not None:
-                    # One forward pass over instance + class examples, as diffusers' DreamBooth script does.
-                    pick = torch.randint(0, prior_latents.shape[0], (n_instance,), generator=gen)
-                    x0 = torch.cat([x0, prior_latents[pick].to(device)])
-                    class_cond = (
-                        prior_cond
-                        if prior_cond is not None
-                        else model_api.encode_prompts([config.class_prompt or dataset.class_prompt])
-                    )
-                    cond = torch.cat([cond, class_cond.expand(n_instance, *class_cond.shape[1:])])
-                per_example = objective.per_example_loss(
-                    model_api, x0, cond, gen, noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma
-                )
-                loss, _, _ = objective.dreambooth_loss(per_example, n_instance, config.prior_loss_weight)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                optimizer.zero_grad(set_to_none=True)
-                write_checkpoint(step)
-                where = f"; the last good state (step {step}) is in {last_checkpoint}" if last_checkpoint else ""
-                raise TrainingError(
-                    f"loss became {value} at step {step + 1} (learning rate {scheduler.get_last_lr()[0]:g}){where}. "
-                    "Lower the learning rate, or use fp32."
-                )
-            (loss / config.grad_accumulation).backward()
-            total += value / config.grad_accumulation
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
-        done = step + 1
-        if callbacks.on_step:
-            callbacks.on_step(done, config.steps, total)
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            write_checkpoint(done)
+    modules = [m for m in (model_api.unet, te) if m is not None]
+    was_training = [m.training for m in modules]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    # fork_rng gives the caller's torch generators back afterwards: training must not shift the user's seeds.
+    with torch.random.fork_rng(devices=cuda):
+        undo_checkpointing = None
         try:
-            stop = bool(callbacks.should_stop and callbacks.should_stop())
-        except BaseException:
-            write_checkpoint(done)
-            raise
-        if stop:
-            write_checkpoint(done)
-            return _result(
-                unet, te, alpha, unet_name_map, losses, done, "cancelled", last_checkpoint, resumed_from, started
+            torch.manual_seed(config.seed)  # peft initialises lora_A from the global generator
+            inject.inject_lora(model_api.unet, config.target_modules, config.rank, config.effective_alpha,
+                               config.dropout)
+            if te is not None:
+                inject.inject_lora(te, config.text_encoder_targets, config.effective_te_rank,
+                                   config.effective_te_alpha, config.dropout)
+            if config.gradient_checkpointing:
+                undo_checkpointing = _enable_gradient_checkpointing(model_api.unet)
+            return _Run(model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels,
+                        unet_name_map, started).run(resume)
+        finally:
+            if undo_checkpointing is not None:
+                undo_checkpointing()
+            for m, flag in zip(modules, was_training):
+                m.train(flag)
+            if not keep_layers:
+                for m in modules:
+                    inject.remove_adapter(m)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class _Run:
+    """The state of one training run between injection and removal (kept together so checkpoints see it all)."""
+
+    def __init__(self, model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels,
+                 unet_name_map, started):
+        self.api, self.dataset, self.config, self.callbacks = model_api, dataset, config, callbacks
+        self.checkpoint_dir, self.te, self.device, self.started = checkpoint_dir, te, device, started
+        self.unet = model_api.unet
+        self.unet_name_map = unet_name_map
+        groups = [{"params": inject.lora_parameters(self.unet), "lr": config.learning_rate}]
+        if te is not None:
+            groups.append({"params": inject.lora_parameters(te), "lr": config.effective_te_learning_rate})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = _make_optimizer(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.dtype = _precision(config, device)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype is torch.float16 else None
+        self.losses: list[float] = []
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step = 0
+        self.caption_dropout = config.caption_dropout or dataset.options.caption_dropout
+
+        # Encode every image (and its mirror when flipping) once: the VAE is frozen.
+        with torch.no_grad():
+            self.latents = [model_api.encode_images(e.pixels[None]) for e in dataset.examples]
+            self.flipped = (
+                [model_api.encode_images(e.pixels.flip(-1)[None]) for e in dataset.examples]
+                if dataset.options.flip
+                else self.latents
             )
-    write_checkpoint(config.steps)
-    return _result(
-        unet, te, alpha, unet_name_map, losses, config.steps, "finished", last_checkpoint, resumed_from, started
-    )
+        self.class_prompt = config.class_prompt or dataset.class_prompt
+        self.class_latents: dict[tuple[int, int], torch.Tensor] = {}
+        if class_pixels is not None:
+            # One set of class latents per image size (aspect buckets), so they join the instance batch.
+            with torch.no_grad():
+                for h, w in sorted({tuple(e.pixels.shape[-2:]) for e in dataset.examples}):
+                    fitted = objective.fit_images(class_pixels, h, w)
+                    self.class_latents[(h, w)] = torch.cat(
+                        [model_api.encode_images(fitted[i : i + 4]) for i in range(0, len(fitted), 4)]
+                    )
+        self.frozen_cond: dict[str, torch.Tensor] = {}
 
+    def cond_for(self, prompts: list[str]) -> torch.Tensor:
+        if self.te is not None:
+            return self.api.encode_prompts(prompts)  # through the LoRA text encoder: gradients flow
+        for p in prompts:
+            if p not in self.frozen_cond:
+                with torch.no_grad():
+                    self.frozen_cond[p] = self.api.encode_prompts([p])
+        return torch.cat([self.frozen_cond[p] for p in prompts])
 
-def _load_lora_tensors(unet, te, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for prefix, module in (("unet.", unet), ("te.", te)):
-            if module is None:
-                continue
-            for k, p in inject.named_lora_tensors(module).items():
-                p.copy_(tensors[prefix + k])
+    def write_checkpoint(self, step: int) -> None:
+        if not self.checkpoint_dir:
+            return
+        tensors = {f"unet.{k}": v for k, v in inject.named_lora_tensors(self.unet).items()}
+        if self.te is not None:
+            tensors.update({f"te.{k}": v for k, v in inject.named_lora_tensors(self.te).items()})
+        opt_tensors, opt_json = ckpt.flatten_optimizer(self.optimizer)
+        tensors.update(opt_tensors)
+        rng_tensors, rng_json = _global_rng_state()
+        tensors.update(rng_tensors)
+        state = {
+            "config": self.config.to_dict(),
+            "adapter": _adapter_shape(self.config),
+            "optimizer": opt_json,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_json,
+            "losses": self.losses,
+        }
+        self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_dir, step, tensors, state)
+        self.last_checkpoint_step = step
+        if self.callbacks.on_checkpoint:
+            self.callbacks.on_checkpoint(self.last_checkpoint)
 
+    def load_checkpoint(self) -> int:
+        """Restore the checkpoint in ``checkpoint_dir`` if there is one; return the step it reached (0 if none)."""
+        loaded = ckpt.load_checkpoint(self.checkpoint_dir)
+        if loaded is None:
+            return 0
+        step, tensors, state = loaded
+        index = Path(self.checkpoint_dir) / ckpt.INDEX
+        saved, wanted = state.get("adapter", {}), _adapter_shape(self.config)
+        for key, value in wanted.items():
+            if saved.get(key) != value:
+                raise ValueError(
+                    f"checkpoint {index} was trained with {key} = {saved.get(key)!r}, not {value!r}; "
+                    "use the same settings, another checkpoint folder, or resume off"
+                )
+        with torch.no_grad():
+            for prefix, module in (("unet.", self.unet), ("te.", self.te)):
+                if module is None:
+                    continue
+                for k, p in inject.named_lora_tensors(module).items():
+                    if prefix + k not in tensors:
+                        raise ValueError(f"checkpoint {index} has no tensor '{prefix + k}' (made for another model?)")
+                    p.copy_(tensors[prefix + k])
+        ckpt.restore_optimizer(self.optimizer, tensors, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _set_global_rng_state(tensors, state.get("rng"))
+        self.losses = list(state["losses"])
+        self.last_checkpoint, self.last_checkpoint_step = index, step
+        log.info("resumed from %s at step %d", index, step)
+        return step
 
-def _result(unet, te, alpha, unet_name_map, losses, steps, reason, path, resumed_from, started) -> TrainResult:
-    state = inject.export_state(unet, "lora_unet", alpha, unet_name_map)
-    if te is not None:
-        state.modules.update(inject.export_state(te, "lora_te", alpha, inject.text_encoder_path).modules)
-    return TrainResult(state, losses, steps, reason, path, resumed_from, time.monotonic() - started)
+    def micro_step(self, step: int, micro: int) -> torch.Tensor:
+        """Return the loss of one forward pass (instance + class examples in one batch)."""
+        config = self.config
+        batch = self.dataset.batch(config.batch_size, config.seed, step * config.grad_accumulation + micro,
+                                   caption_dropout=self.caption_dropout)
+        x0 = torch.cat([(self.flipped if flip else self.latents)[i] for i, flip, _ in batch]).to(self.device)
+        prompts = ["" if drop else self.dataset.examples[i].caption for i, _, drop in batch]
+        gen = _seeded(config.seed, step, micro)
+        n_instance = x0.shape[0]
+        with _autocast(self.dtype, self.device):
+            cond = self.cond_for(prompts)
+            if self.class_latents:
+                # One forward pass over instance + class examples "to avoid doing two forward passes", as
+                # diffusers' DreamBooth script puts it; the loss is split again in dreambooth_loss.
+                pixels = self.dataset.examples[batch[0][0]].pixels
+                pool = self.class_latents[tuple(pixels.shape[-2:])]
+                pick = torch.randint(0, pool.shape[0], (n_instance,), generator=gen)
+                x0 = torch.cat([x0, pool[pick].to(self.device)])
+                class_cond = self.cond_for([self.class_prompt])
+                cond = torch.cat([cond, class_cond.expand(n_instance, *class_cond.shape[1:])])
+            per_example = objective.per_example_loss(
+                self.api, x0, cond, gen, noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma
+            )
+            loss, _, _ = objective.dreambooth_loss(per_example, n_instance, config.prior_loss_weight)
+        return loss
+
+    def run(self, resume: bool) -> TrainResult:
+        config, callbacks = self.config, self.callbacks
+        start = self.load_checkpoint() if (self.checkpoint_dir and resume) else 0
+        self.resumed_from = start
+        if start >= config.steps:
+            log.info("checkpoint already at step %d of %d: nothing to train", start, config.steps)
+            return self.result(start, "finished")
+        self.unet.train()
+        if self.te is not None:
+            self.te.train()
+        for step in range(start, config.steps):
+            torch.manual_seed(config.seed * 1_000_003 + step)  # LoRA dropout, reproducible per step
+            total = 0.0
+            for micro in range(config.grad_accumulation):
+                loss = self.micro_step(step, micro)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    # Nothing is written: the state that produced a non-finite loss is not a good checkpoint.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    kept = (
+                        f"the last good checkpoint (step {self.last_checkpoint_step}) is kept at {self.last_checkpoint}"
+                        if self.last_checkpoint
+                        else "no checkpoint was written before it (set checkpoint_every to keep one)"
+                    )
+                    raise NonFiniteLossError(
+                        f"loss became {value} at step {step + 1} of {config.steps} (learning rate "
+                        f"{self.scheduler.get_last_lr()[0]:g}); {kept}. Lower the learning rate, or use fp32."
+                    )
+                scaled = loss / config.grad_accumulation
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                total += value / config.grad_accumulation
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(total)
+            done = step + 1
+            if callbacks.on_step:
+                callbacks.on_step(done, config.steps, total)
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                self.write_checkpoint(done)
+            try:
+                stop = bool(callbacks.should_stop and callbacks.should_stop())
+            except BaseException:
+                # ComfyUI's Cancel raises here: keep the work done so far, then let the exception through.
+                if self.last_checkpoint_step != done:
+                    self.write_checkpoint(done)
+                raise
+            if stop:
+                if self.last_checkpoint_step != done:
+                    self.write_checkpoint(done)
+                return self.result(done, "cancelled")
+        self.write_checkpoint(config.steps)
+        return self.result(config.steps, "finished")
+
+    def result(self, steps: int, reason: str) -> TrainResult:
+        state = inject.export_state(self.unet, "lora_unet", self.unet_name_map, self.config.effective_alpha)
+        if self.te is not None:
+            state.modules.update(
+                inject.export_state(self.te, "lora_te", alpha=self.config.effective_te_alpha).modules
+            )
+        return TrainResult(state, self.losses, steps, reason, self.last_checkpoint, self.resumed_from,
+                           time.monotonic() - self.started)

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def noisy_latents(
@@ -30,7 +41,11 @@ def target_for(
 
 
 def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str):
-    """Return per-example Min-SNR-gamma loss weights (Hang et al. 2023, https://arxiv.org/abs/2303.09556)."""
+    """Return per-example Min-SNR-gamma loss weights ``(B,)`` (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
+
+    ``min(snr, gamma) / snr`` for epsilon prediction and ``min(snr, gamma) / (snr + 1)`` for v-prediction, with
+    ``snr = a_t / (1 - a_t)``, as diffusers' training scripts compute it.
+    """
     a = alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
@@ -59,7 +74,12 @@ def per_example_loss(
 ) -> torch.Tensor:
     """Return the denoising MSE of each example ``(B,)``: one forward pass over the whole batch.
 
-    Timesteps and noise are drawn from ``generator`` unless given (evaluation on fixed noise).
+    Timesteps and noise are drawn from ``generator`` unless given (evaluation on fixed noise). The target follows
+    the model's own schedule and prediction type (``model_api.schedule``); min-SNR weights apply when
+    ``min_snr_gamma`` > 0.
+
+    Raises:
+        ValueError: the schedule's prediction type is neither epsilon nor v_prediction.
     """
     schedule = model_api.schedule
     if timesteps is None:
@@ -79,6 +99,10 @@ def per_example_loss(
 def dreambooth_loss(per_example: torch.Tensor, n_instance: int, prior_loss_weight: float):
     """Split a concatenated batch (instance examples first, then class examples) into the DreamBooth loss.
 
+    ``total = mean(instance) + prior_loss_weight * mean(class)``, the DreamBooth objective
+    (Ruiz et al. 2022, https://arxiv.org/abs/2208.12242) as diffusers' example trains it: both halves come from
+    one forward pass over the concatenated batch.
+
     Returns:
         ``(total, instance_loss, prior_loss)``; ``prior_loss`` is None without class examples.
     """
@@ -87,3 +111,68 @@ def dreambooth_loss(per_example: torch.Tensor, n_instance: int, prior_loss_weigh
         return instance, instance, None
     prior = per_example[n_instance:].mean()
     return instance + prior_loss_weight * prior, instance, prior
+
+
+def class_images(
+    model_api,
+    prompt: str,
+    count: int,
+    seed: int,
+    size: int,
+    cache_dir: str | Path | None = None,
+    folder: str | Path | None = None,
+) -> torch.Tensor:
+    """Return DreamBooth class images ``(N, 3, size, size)`` in [0, 1] (CPU, float32).
+
+    From ``folder`` when given (its first ``count`` usable images, resized and center-cropped). Otherwise generated
+    by ``model_api.generate`` (call this before injecting LoRA layers: the class images must come from the frozen
+    base model) and, with ``cache_dir``, cached as PNG under ``cache_dir/class_images/<key>/`` where the key covers
+    the prompt, count, seed, size and ``model_api.fingerprint()``; a later run with the same key reuses them. The
+    cache is complete only once its ``done.json`` marker exists (written last), so an interrupted write is redone.
+
+    Raises:
+        trainer.dataset.DatasetError: ``folder`` is missing or holds no usable image.
+    """
+    if folder:
+        from .dataset import load_class_images
+
+        return torch.stack(load_class_images(folder, size, count, seed))
+    key = hashlib.sha256(f"{prompt}|{count}|{seed}|{size}|{model_api.fingerprint()}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / "class_images" / key if cache_dir else None
+    if cache is not None and (cache / "done.json").is_file():
+        files = [cache / f"{i:04d}.png" for i in range(count)]
+        if all(f.is_file() for f in files):
+            log.info("reusing %d cached class images from %s", count, cache)
+            return torch.stack([_read_png(f) for f in files])
+    images = model_api.generate(prompt, count, seed, size).detach().float().cpu().clamp(0, 1)
+    if cache is None:
+        return images
+    cache.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        tmp = cache / f".{i:04d}.png.tmp"
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, cache / f"{i:04d}.png")
+    (cache / "done.json").write_text(json.dumps({"prompt": prompt, "count": count, "seed": seed, "size": size}))
+    # Read back what was written so a first run trains on exactly the pixels later runs will reuse (8-bit).
+    return torch.stack([_read_png(cache / f"{i:04d}.png") for i in range(count)])
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def fit_images(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Return ``images (N, 3, H, W)`` scaled to cover ``height x width`` and center-cropped to it.
+
+    Used to give class images the size of an aspect-ratio bucket so they share the instance batch's forward pass.
+    """
+    if images.shape[-2:] == (height, width):
+        return images
+    scale = max(height / images.shape[-2], width / images.shape[-1])
+    h, w = max(height, round(images.shape[-2] * scale)), max(width, round(images.shape[-1] * scale))
+    resized = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (h - height) // 2, (w - width) // 2
+    return resized[..., top : top + height, left : left + width].clamp(0, 1)

@@ -80,6 +80,10 @@ def tiny_parts(tmp_path_factory):
         norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
+        # This random VAE's latents have a std of about 0.23; SD's 0.18215 would shrink them to ~0.04, where the
+        # noise hides the images and almost no training signal is left. 4.0 brings them near unit variance, as
+        # SD's factor does for SD's own VAE.
+        scaling_factor=4.0,
     )
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     for m in (unet, text_encoder, vae):
@@ -113,3 +117,18 @@ def subject_folder(tmp_path) -> Path:
         if i % 2:
             (folder / f"img_{i}.txt").write_text(f"a photo of {TRIGGER} toy")
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more threads only fight other processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def draw():
+    """The subject drawing function (conftest modules are not importable in importlib mode)."""
+    return draw_subject
