@@ -17,6 +17,7 @@ import math
 import time
 
 import torch
+
 from lora_workbench.lora import merge
 from lora_workbench.lora.state import LoraModule, LoraState
 

@@ -10,6 +10,7 @@ stack before the trainer) is baked into the copy, so training continues from wha
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -76,9 +77,11 @@ class ComfyModelApi:
         self._latent_format = model.model.latent_format
 
     def fingerprint(self) -> str:
-        """Return a cheap identity of the base weights (a few parameter sums) for the class-image cache."""
-        params = list(self.unet.parameters())[:4]
-        return "-".join(f"{float(p.detach().double().sum()):.6e}" for p in params)
+        """Return an identity of the base UNet weights (per-parameter sums) that keys the class-image cache."""
+        digest = hashlib.sha256()
+        for p in self.unet.parameters():
+            digest.update(f"{tuple(p.shape)}:{float(p.detach().double().sum()):.9e};".encode())
+        return digest.hexdigest()[:16]
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Return cross-attention conditioning ``(B, 77, dim)``; differentiable through a trained text encoder."""

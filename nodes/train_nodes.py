@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import fields
 
 import folder_paths
 import torch
@@ -12,7 +13,7 @@ from comfy_api.latest import io
 from ..lora import keys as lora_keys
 from ..lora import metadata as lora_metadata
 from ..trainer import loop
-from ..trainer.config import LR_SCHEDULERS, PRECISIONS, TARGET_PRESETS, TrainConfig, help_text
+from ..trainer.config import TrainConfig
 from ..trainer.dataset import DEFAULT_TEMPLATE, DatasetOptions, load_image_folder
 from ..trainer.loss_plot import plot_losses
 from .adapter_dict import LoraTensors
@@ -41,16 +42,62 @@ def checkpoint_dir(run_name: str) -> str:
     return os.path.join(folder_paths.get_output_directory(), "lora_workbench", "checkpoints", run_name)
 
 
-def _int(name: str, default: int, lo: int, hi: int) -> io.Int.Input:
-    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=help_text(name))
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_STEPS = {
+    "alpha": 0.5,
+    "learning_rate": 1e-5,
+    "prior_loss_weight": 0.05,
+    "min_snr_gamma": 0.5,
+    "noise_offset": 0.01,
+    "te_learning_rate": 1e-5,
+}
 
 
-def _float(name: str, default: float, lo: float, hi: float, step: float) -> io.Float.Input:
-    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=help_text(name))
+def _setting(name: str, optional: bool = False):
+    """Return the widget of a ``TrainConfig`` field: its default, range, options and help text as the tooltip."""
+    f = _FIELDS[name]
+    meta = f.metadata
+    common = dict(default=f.default, tooltip=meta["help"], optional=optional)
+    if "options" in meta:
+        return io.Combo.Input(name, options=list(meta["options"]), **common)
+    if f.type == "bool":
+        return io.Boolean.Input(name, **common)
+    if f.type == "str":
+        return io.String.Input(name, **common)
+    number = io.Int.Input if f.type == "int" else io.Float.Input
+    limits = {k: meta[k] for k in ("min", "max") if k in meta}
+    if name in _STEPS:
+        limits["step"] = _STEPS[name]
+    return number(name, **common, **limits)
 
 
-def _bool(name: str, default: bool) -> io.Boolean.Input:
-    return io.Boolean.Input(name, default=default, tooltip=help_text(name))
+REQUIRED_SETTINGS = (
+    "steps",
+    "rank",
+    "alpha",
+    "learning_rate",
+    "batch_size",
+    "target",
+    "train_text_encoder",
+    "prior_preservation",
+    "class_prompt",
+    "num_class_images",
+    "prior_loss_weight",
+    "class_images_dir",
+    "seed",
+    "precision",
+    "gradient_checkpointing",
+    "checkpoint_every",
+)
+OPTIONAL_SETTINGS = (
+    "lr_scheduler",
+    "warmup_steps",
+    "grad_accumulation",
+    "min_snr_gamma",
+    "noise_offset",
+    "te_learning_rate",
+    "custom_targets",
+)
 
 
 class ImageFolderDatasetNode(io.ComfyNode):
@@ -107,56 +154,10 @@ class TrainLoraNode(io.ComfyNode):
                 io.Clip.Input("clip"),
                 io.Vae.Input("vae"),
                 Dataset.Input("dataset"),
-                _int("steps", 200, 1, 100000),
-                _int("rank", 8, 1, 256),
-                _float("alpha", 0.0, 0.0, 1024.0, 0.5),
-                _float("learning_rate", 1e-4, 1e-7, 1.0, 1e-5),
-                _int("batch_size", 1, 1, 64),
-                io.Combo.Input(
-                    "target", options=list(TARGET_PRESETS), default="attention", tooltip=help_text("target")
-                ),
-                _bool("train_text_encoder", False),
-                _bool("prior_preservation", False),
-                io.String.Input("class_prompt", default="", tooltip=help_text("class_prompt")),
-                _int("num_class_images", 8, 1, 1000),
-                _float("prior_loss_weight", 1.0, 0.0, 10.0, 0.05),
-                io.String.Input("class_images_dir", default="", tooltip=help_text("class_images_dir")),
-                _int("seed", 0, 0, 2**63 - 1),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="fp32", tooltip=help_text("precision")),
-                _bool("gradient_checkpointing", False),
-                _int("checkpoint_every", 0, 0, 100000),
+                *(_setting(name) for name in REQUIRED_SETTINGS),
                 io.String.Input("run_name", default="my_lora", tooltip="Names the checkpoint folder of this run."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this run's checkpoint if present."),
-                io.Combo.Input("lr_scheduler", options=list(LR_SCHEDULERS), default="constant", optional=True),
-                io.Int.Input(
-                    "warmup_steps", default=0, min=0, max=100000, optional=True, tooltip=help_text("warmup_steps")
-                ),
-                io.Int.Input(
-                    "grad_accumulation",
-                    default=1,
-                    min=1,
-                    max=1024,
-                    optional=True,
-                    tooltip=help_text("grad_accumulation"),
-                ),
-                io.Float.Input(
-                    "min_snr_gamma",
-                    default=0.0,
-                    min=0.0,
-                    max=20.0,
-                    step=0.5,
-                    optional=True,
-                    tooltip=help_text("min_snr_gamma"),
-                ),
-                io.Float.Input(
-                    "noise_offset",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    optional=True,
-                    tooltip=help_text("noise_offset"),
-                ),
+                *(_setting(name, optional=True) for name in OPTIONAL_SETTINGS),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),

@@ -12,18 +12,31 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 INDEX = "checkpoint.json"
 
 
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself lives in the directory entry: without this a power cut can forget it (POSIX only).
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync it, rename it over ``path`` and fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict) -> Path:
@@ -34,15 +47,19 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
         step: steps completed.
         tensors: LoRA weights and flattened optimizer state (names are free-form).
         state: JSON-able values (config, scheduler, RNG, losses).
+
+    Returns:
+        The path of ``checkpoint.json``.
+
+    Raises:
+        OSError: the folder cannot be written (the previous checkpoint stays intact).
+        TypeError: ``state`` holds a value JSON cannot represent.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}.safetensors"
-    tmp = folder / f".{name}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / name)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"step": str(step)})
+    _atomic_write_bytes(folder / name, data)
     index = folder / INDEX
     _atomic_write_bytes(index, json.dumps({"step": step, "tensors": name, **state}).encode())
     for old in folder.glob("step-*.safetensors"):
@@ -55,13 +72,18 @@ def load_checkpoint(folder: str | Path) -> tuple[int, dict[str, torch.Tensor], d
     """Return ``(step, tensors, state)`` of the checkpoint in ``folder``, or None when there is none.
 
     Raises:
-        ValueError: the index names a tensor file that is missing or unreadable.
+        ValueError: the index is not valid JSON with ``step`` and ``tensors``, or names a tensor file that is
+            missing or unreadable.
     """
     index = Path(folder) / INDEX
     if not index.is_file():
         return None
-    state = json.loads(index.read_text())
-    tensor_file = Path(folder) / state["tensors"]
+    try:
+        state = json.loads(index.read_text())
+        tensor_file = Path(folder) / state["tensors"]
+        int(state["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {index} is not a valid checkpoint index: {e!r}") from None
     try:
         tensors = load_file(str(tensor_file))
     except (OSError, RuntimeError) as e:
@@ -70,7 +92,11 @@ def load_checkpoint(folder: str | Path) -> tuple[int, dict[str, torch.Tensor], d
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Return an optimizer's state as ``(tensors, json_part)`` (no pickle needed to store it)."""
+    """Return an optimizer's state as ``(tensors, json_part)`` (no pickle needed to store it).
+
+    Tensor entries of each parameter's state (AdamW's ``exp_avg``, ``exp_avg_sq``, ``step``) become
+    ``optim.<param id>.<key>`` tensors; everything else (param groups, scalar entries) goes to the JSON part.
+    """
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, pstate in sd["state"].items():
@@ -83,7 +109,11 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], json_part: dict) -> None:
-    """Load what ``flatten_optimizer`` stored back into ``optimizer``."""
+    """Load what ``flatten_optimizer`` stored back into ``optimizer``.
+
+    Raises:
+        ValueError: the stored state does not fit the optimizer (other parameter groups or sizes).
+    """
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):

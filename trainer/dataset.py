@@ -145,18 +145,20 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def _bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """Return the (w, h) bucket for an image: sides multiples of 64, at most resolution^2 pixels.
+    """Return the (w, h) bucket for an image: at most resolution^2 pixels, sides in steps of 64 (finer below 256).
 
     The bucket whose aspect ratio is closest to the image's wins (least cropped away), the larger one on a tie.
     """
     area = resolution * resolution
     aspect = math.log(width / height)
+    # 64 keeps SD's latents divisible by 8; small test resolutions need finer steps to have any buckets at all.
+    step = max(8, min(BUCKET_STEP, resolution // 4 // 8 * 8))
     best = None
-    for w in range(BUCKET_STEP, 4 * resolution + 1, BUCKET_STEP):
-        h = (area // w) // BUCKET_STEP * BUCKET_STEP
-        if h < BUCKET_STEP:
+    for w in range(step, 4 * resolution + 1, step):
+        h = (area // w) // step * step
+        if h < step:
             break
-        for hh in range(BUCKET_STEP, h + 1, BUCKET_STEP):
+        for hh in range(step, h + 1, step):
             key = (round(abs(math.log(w / hh) - aspect), 6), -w * hh)
             if best is None or key < best[0]:
                 best = (key, (w, hh))

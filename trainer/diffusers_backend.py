@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,10 @@ class DiffusersModelApi:
         self._scale = getattr(vae.config, "scaling_factor", 1.0)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Return the text encoder's last hidden state ``(B, max_length, dim)``."""
+        """Return the text encoder's last hidden state ``(B, max_length, dim)`` (padded to the tokenizer's length).
+
+        Runs ``self.text_encoder`` with autograd on, so an injected text-encoder LoRA trains.
+        """
         ids = self.tokenizer(
             prompts,
             padding="max_length",
@@ -53,7 +57,11 @@ class DiffusersModelApi:
         return self.text_encoder(ids)[0].float()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Return scaled latents of images in [0, 1] (the distribution's mode: deterministic)."""
+        """Return ``vae.encode(2 * images - 1) * scaling_factor`` for images ``(B, 3, H, W)`` in [0, 1].
+
+        Takes the distribution's mode (deterministic, so latents can be encoded once), where diffusers' script
+        samples; with SD's VAE the difference is far below the noise added in training.
+        """
         x = images.to(self.device, torch.float32) * 2 - 1
         encoded = self.vae.encode(x)
         if hasattr(encoded, "latent_dist"):
@@ -61,12 +69,15 @@ class DiffusersModelApi:
         return encoded.latents * self._scale
 
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Return the UNet's prediction."""
+        """Return ``unet(noisy_latents, timesteps, encoder_hidden_states=cond).sample`` (epsilon or v)."""
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=cond).sample
 
     @torch.no_grad()
     def generate(self, prompt: str, n: int, seed: int, size: int, steps: int = 10) -> torch.Tensor:
-        """Return ``n`` images in [0, 1] from a deterministic DDIM run of the frozen model (no guidance)."""
+        """Return ``n`` images ``(n, 3, size, size)`` in [0, 1] from ``steps`` DDIM steps (no guidance, eta 0).
+
+        Seeded: the same arguments give the same images. Decodes with the VAE's scaling factor.
+        """
         from diffusers import DDIMScheduler
 
         sched = DDIMScheduler.from_config(self.scheduler.config)
@@ -74,6 +85,7 @@ class DiffusersModelApi:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         gen = torch.Generator().manual_seed(seed)
         latents = torch.randn((n, self.unet.config.in_channels, size // factor, size // factor), generator=gen)
+        latents = latents.to(self.device) * sched.init_noise_sigma
         cond = self.encode_prompts([prompt] * n)
         for t in sched.timesteps:
             pred = self.unet(latents, t, encoder_hidden_states=cond).sample
@@ -82,6 +94,12 @@ class DiffusersModelApi:
         return ((images + 1) / 2).clamp(0, 1).float()
 
     def fingerprint(self) -> str:
-        """Return a cheap identity of the UNet weights (a few parameter sums)."""
-        params = list(self.unet.parameters())
-        return "-".join(f"{float(p.detach().double().sum()):.6e}" for p in params[:4])
+        """Return a short hash of every UNet and text-encoder parameter's sum (keys the class-image cache).
+
+        Sums rather than full bytes: cheap on a GPU, and any real change of weights changes some sum.
+        """
+        digest = hashlib.sha256()
+        for module in (self.unet, self.text_encoder):
+            for name, p in module.named_parameters():
+                digest.update(f"{name}:{float(p.detach().double().sum()):.10e};".encode())
+        return digest.hexdigest()[:16]

@@ -115,8 +115,9 @@ def _enable_gradient_checkpointing(module: torch.nn.Module) -> Callable[[], None
             m.forward = checkpointed
             patched.append(m)
     if not patched:
-        log.warning("gradient checkpointing: %s has no switch and no transformer blocks; not used",
-                    type(module).__name__)
+        log.warning(
+            "gradient checkpointing: %s has no switch and no transformer blocks; not used", type(module).__name__
+        )
 
     def undo() -> None:
         for m in patched:
@@ -237,8 +238,13 @@ def train(
     class_pixels = None
     if config.prior_preservation:
         class_pixels = objective.class_images(
-            model_api, config.class_prompt or dataset.class_prompt, config.num_class_images, config.seed,
-            dataset.options.resolution, cache_dir, config.class_images_dir or None,
+            model_api,
+            config.class_prompt or dataset.class_prompt,
+            config.num_class_images,
+            config.seed,
+            dataset.options.resolution,
+            cache_dir,
+            config.class_images_dir or None,
         )
 
     modules = [m for m in (model_api.unet, te) if m is not None]
@@ -250,15 +256,22 @@ def train(
         undo_checkpointing = None
         try:
             torch.manual_seed(config.seed)  # peft initialises lora_A from the global generator
-            inject.inject_lora(model_api.unet, config.target_modules, config.rank, config.effective_alpha,
-                               config.dropout)
+            inject.inject_lora(
+                model_api.unet, config.target_modules, config.rank, config.effective_alpha, config.dropout
+            )
             if te is not None:
-                inject.inject_lora(te, config.text_encoder_targets, config.effective_te_rank,
-                                   config.effective_te_alpha, config.dropout)
+                inject.inject_lora(
+                    te,
+                    config.text_encoder_targets,
+                    config.effective_te_rank,
+                    config.effective_te_alpha,
+                    config.dropout,
+                )
             if config.gradient_checkpointing:
                 undo_checkpointing = _enable_gradient_checkpointing(model_api.unet)
-            return _Run(model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels,
-                        unet_name_map, started).run(resume)
+            return _Run(
+                model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels, unet_name_map, started
+            ).run(resume)
         finally:
             if undo_checkpointing is not None:
                 undo_checkpointing()
@@ -274,8 +287,9 @@ def train(
 class _Run:
     """The state of one training run between injection and removal (kept together so checkpoints see it all)."""
 
-    def __init__(self, model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels,
-                 unet_name_map, started):
+    def __init__(
+        self, model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels, unet_name_map, started
+    ):
         self.api, self.dataset, self.config, self.callbacks = model_api, dataset, config, callbacks
         self.checkpoint_dir, self.te, self.device, self.started = checkpoint_dir, te, device, started
         self.unet = model_api.unet
@@ -354,7 +368,9 @@ class _Run:
             return 0
         step, tensors, state = loaded
         index = Path(self.checkpoint_dir) / ckpt.INDEX
-        saved, wanted = state.get("adapter", {}), _adapter_shape(self.config)
+        # Checkpoints from before "adapter" was recorded hold the config only: compare what it can tell.
+        saved = state.get("adapter") or {"rank": state.get("config", {}).get("rank")}
+        wanted = {k: v for k, v in _adapter_shape(self.config).items() if k in saved}
         for key, value in wanted.items():
             if saved.get(key) != value:
                 raise ValueError(
@@ -382,8 +398,12 @@ class _Run:
     def micro_step(self, step: int, micro: int) -> torch.Tensor:
         """Return the loss of one forward pass (instance + class examples in one batch)."""
         config = self.config
-        batch = self.dataset.batch(config.batch_size, config.seed, step * config.grad_accumulation + micro,
-                                   caption_dropout=self.caption_dropout)
+        batch = self.dataset.batch(
+            config.batch_size,
+            config.seed,
+            step * config.grad_accumulation + micro,
+            caption_dropout=self.caption_dropout,
+        )
         x0 = torch.cat([(self.flipped if flip else self.latents)[i] for i, flip, _ in batch]).to(self.device)
         prompts = ["" if drop else self.dataset.examples[i].caption for i, _, drop in batch]
         gen = _seeded(config.seed, step, micro)
@@ -424,8 +444,9 @@ class _Run:
                 if not math.isfinite(value):
                     # Nothing is written: the state that produced a non-finite loss is not a good checkpoint.
                     self.optimizer.zero_grad(set_to_none=True)
+                    good = self.last_checkpoint_step
                     kept = (
-                        f"the last good checkpoint (step {self.last_checkpoint_step}) is kept at {self.last_checkpoint}"
+                        f"the last good checkpoint (step {good}) is kept at {self.last_checkpoint}"
                         if self.last_checkpoint
                         else "no checkpoint was written before it (set checkpoint_every to keep one)"
                     )
@@ -463,15 +484,14 @@ class _Run:
             if stop:
                 if self.last_checkpoint_step != done:
                     self.write_checkpoint(done)
-                return self.result(done, "cancelled")
+                return self.result(done, "cancelled" if done < config.steps else "finished")
         self.write_checkpoint(config.steps)
         return self.result(config.steps, "finished")
 
     def result(self, steps: int, reason: str) -> TrainResult:
         state = inject.export_state(self.unet, "lora_unet", self.unet_name_map, self.config.effective_alpha)
         if self.te is not None:
-            state.modules.update(
-                inject.export_state(self.te, "lora_te", alpha=self.config.effective_te_alpha).modules
-            )
-        return TrainResult(state, self.losses, steps, reason, self.last_checkpoint, self.resumed_from,
-                           time.monotonic() - self.started)
+            state.modules.update(inject.export_state(self.te, "lora_te", alpha=self.config.effective_te_alpha).modules)
+        return TrainResult(
+            state, self.losses, steps, reason, self.last_checkpoint, self.resumed_from, time.monotonic() - self.started
+        )

@@ -40,7 +40,9 @@ def target_for(
     raise ValueError(f"unknown prediction type '{prediction_type}'")
 
 
-def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str):
+def min_snr_weights(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Return per-example Min-SNR-gamma loss weights ``(B,)`` (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
 
     ``min(snr, gamma) / snr`` for epsilon prediction and ``min(snr, gamma) / (snr + 1)`` for v-prediction, with
@@ -96,7 +98,9 @@ def per_example_loss(
     return loss
 
 
-def dreambooth_loss(per_example: torch.Tensor, n_instance: int, prior_loss_weight: float):
+def dreambooth_loss(
+    per_example: torch.Tensor, n_instance: int, prior_loss_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Split a concatenated batch (instance examples first, then class examples) into the DreamBooth loss.
 
     ``total = mean(instance) + prior_loss_weight * mean(class)``, the DreamBooth objective

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from lora_workbench.headless import comfy_env
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,8 +1,9 @@
 """Prepare a ComfyUI base directory for the browser tests (run in a subprocess).
 
 Usage: ``python make_fixtures.py BASE``. Lays out BASE with this pack in ``custom_nodes``, links the
-tiny SD1.5-shaped checkpoint (built once into the cache) and writes small kohya-format LoRAs for it
-into ``models/loras``. A subprocess, because building them imports ComfyUI, which must not be
+tiny SD1.5-shaped checkpoint (built once into the cache), writes small kohya-format LoRAs for it
+into ``models/loras`` and copies the example training images (``examples/train_images``) to
+``input/lora_workbench_example``. A subprocess, because building them imports ComfyUI, which must not be
 imported into the pytest process with another base directory (the ``tests/comfy`` suite does that).
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from lora_workbench.headless import comfy_env, example_loras, tiny_model
 
+REPO = Path(__file__).resolve().parents[2]
+DATASET = "lora_workbench_example"
 # name -> (seed, rank, trigger phrase or None). One in a subfolder, one without trigger words.
 LORAS = {
     "lw_style.safetensors": (11, 4, "sks style, watercolor"),
@@ -35,7 +39,11 @@ def main(base: Path) -> dict:
         path = base / "models" / "loras" / name
         if not path.exists():
             example_loras.write_example_lora(path, seed=seed, rank=rank, trigger=trigger, text_encoder=True)
-    return {"checkpoint": model.name, "loras": sorted(LORAS)}
+    # The shipped example's training images, where examples/train_then_stack.json looks for them.
+    dataset = base / "input" / DATASET
+    if not dataset.exists():
+        shutil.copytree(REPO / "examples" / "train_images", dataset)
+    return {"checkpoint": model.name, "loras": sorted(LORAS), "dataset": DATASET}
 
 
 if __name__ == "__main__":

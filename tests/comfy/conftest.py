@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lora_workbench.headless import comfy_env, runner, tiny_model
 
 # Test helpers beside this file (graphs.py); pytest's importlib mode does not add the folder.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from graphs import core_chain, our_stack, txt2img
+
 from lora_workbench.headless.example_loras import write_example_lora
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from lora_workbench.headless import examples, ui_format
 from PIL import Image
+
+from lora_workbench.headless import examples, ui_format
 
 pytestmark = pytest.mark.slow
 

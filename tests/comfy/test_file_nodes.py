@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from graphs import SAMPLER
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from lora_workbench.headless import runner
 from lora_workbench.headless.example_loras import random_lora_tensors, write_example_lora
 from lora_workbench.headless.tiny_model import UNET_CONFIG
 from lora_workbench.lora import keys as lora_keys
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from graphs import rows_json
-from lora_workbench.headless import runner
-from lora_workbench.headless.example_loras import random_lora_tensors, write_example_lora
-from lora_workbench.lora import keys as lora_keys
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_file_nodes import branches, latents
+
+from lora_workbench.headless import runner
+from lora_workbench.headless.example_loras import random_lora_tensors, write_example_lora
+from lora_workbench.lora import keys as lora_keys
 
 pytestmark = pytest.mark.slow
 

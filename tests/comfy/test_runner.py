@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lora_workbench.headless import cli, runner
 from PIL import Image
+
+from lora_workbench.headless import cli, runner
 
 
 def _frontend_workflow(ckpt_name: str) -> dict:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from graphs import our_stack, rows_json, txt2img
+from safetensors.torch import save_file
+
 from lora_workbench.headless.example_loras import random_lora_tensors, write_example_lora
 from lora_workbench.headless.runner import WorkflowError
-from safetensors.torch import save_file
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 from graphs import core_chain, train_patch, txt2img
+from safetensors import safe_open
+
 from lora_workbench.headless import examples
 from lora_workbench.headless.runner import WorkflowError
-from safetensors import safe_open
 
 pytestmark = pytest.mark.slow
 PROMPT = "a photo of sks toy"

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lora_workbench.headless import ui_format
 from PIL import Image
+
+from lora_workbench.headless import ui_format
 
 pytestmark = pytest.mark.slow
 

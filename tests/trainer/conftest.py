@@ -132,3 +132,62 @@ def one_thread():
 def draw():
     """The subject drawing function (conftest modules are not importable in importlib mode)."""
     return draw_subject
+
+
+def _blue(i: int):
+    """A class image: the subject's layout with red and blue swapped (a blue disc: 'a toy', not 'sks toy')."""
+    import numpy as np
+
+    return Image.fromarray(np.asarray(draw_subject(i))[..., ::-1].copy())
+
+
+def _square(i: int):
+    img = Image.new("RGB", (16, 16), (40, 160, 60))
+    ImageDraw.Draw(img).rectangle([3 + i % 3, 3, 11 + i % 3, 12], fill=(250, 250, 250))
+    return img
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_parts, tmp_path_factory):
+    """A tiny model that already knows its classes: the UNet fully trained for 150 steps on blue discs
+    ("a photo of toy") and green squares ("a photo of dog"), and the folders of subject and class images.
+
+    DreamBooth's effects only show on a base model that fits its class: a random UNet's loss is ~1.1 and any
+    training mostly fixes that, whatever the prompt or the prior loss. After this its class loss is ~0.09.
+    Returns ``(parts, subject_folder, class_folder)``; built once per session (~10 s on one core).
+    """
+    import copy
+
+    from lora_workbench.trainer import objective
+
+    base = tmp_path_factory.mktemp("pretrained")
+    folders = {}
+    for name, fn in (("subject", draw_subject), ("class", _blue), ("dog", _square)):
+        folders[name] = base / name
+        folders[name].mkdir()
+        for i in range(6):
+            fn(i).save(folders[name] / f"{name}_{i}.png")
+    unet, text_encoder, tokenizer, vae, scheduler = tiny_parts
+    unet = copy.deepcopy(unet)
+    api = DiffusersModelApi(unet, text_encoder, tokenizer, vae, scheduler)
+
+    def pixels(folder):
+        return torch.stack(
+            [
+                torch.from_numpy(__import__("numpy").asarray(Image.open(p), dtype="float32") / 255).permute(2, 0, 1)
+                for p in sorted(folder.glob("*.png"))
+            ]
+        )
+
+    with torch.no_grad():
+        x = torch.cat([api.encode_images(pixels(folders["class"])), api.encode_images(pixels(folders["dog"]))])
+        cond = api.encode_prompts(["a photo of toy"] * 6 + ["a photo of dog"] * 6)
+    unet.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        objective.per_example_loss(api, x, cond, gen).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    unet.requires_grad_(False).eval()
+    return (unet, text_encoder, tokenizer, vae, scheduler), folders["subject"], folders["class"]

@@ -1,4 +1,4 @@
-"""Image folder dataset: every kind of bad file is converted or skipped with a reason, never silently."""
+"""Image-folder datasets: every kind of bad file gets a named outcome; captions, repeats, crops, buckets, order."""
 
 from __future__ import annotations
 
@@ -10,117 +10,195 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_workbench.trainer.dataset import DatasetError, DatasetOptions, load_image_folder
+from lora_workbench.trainer.dataset import MAX_PIXELS, DatasetError, DatasetOptions, load_image_folder
 
-TRIGGER = "sks"
+OPTS = DatasetOptions(resolution=16)
 
 
-def _png_bytes(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _huge_png_header(width: int, height: int) -> bytes:
-    """A valid PNG signature + IHDR claiming a huge size, and a tiny IDAT: PIL sees the size before decoding."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+def _with_size(png: bytes, width: int, height: int) -> bytes:
+    """Return a PNG whose IHDR claims ``width x height`` (CRC fixed), so only the header is huge."""
+    assert png[12:16] == b"IHDR"
+    ihdr = struct.pack(">II", width, height) + png[24:29]
+    return png[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
 
 
-def _write_bad_files(folder, draw_subject):
-    """Return {file name: expected reason fragment (skipped) or conversion note (kept)}."""
-    good = draw_subject(0, 32)
-    jpeg = io.BytesIO()
-    good.save(jpeg, format="JPEG")
-    (folder / "zero.png").write_bytes(b"")
-    (folder / "truncated.png").write_bytes(_png_bytes(good)[:200])
-    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    (folder / "text.png").write_text("this is not an image")
-    (folder / "huge.png").write_bytes(_huge_png_header(100_000, 100_000))
-    (folder / "notes.json").write_text("{}")
-    good.convert("CMYK").save(folder / "cmyk.jpg")
-    wide = (np.asarray(good.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
-    Image.fromarray(wide).save(folder / "sixteen.png")  # a 16-bit greyscale PNG ("I;16")
-    rgba = good.convert("RGBA")
-    rgba.putalpha(0)  # fully transparent: must come out white, not black
-    rgba.save(folder / "alpha.png")
-    return {
-        "skipped": {
-            "zero.png": "empty file (0 bytes)",
-            "truncated.png": "corrupt or truncated",
-            "truncated.jpg": "corrupt or truncated",
-            "text.png": "cannot be read as an image",
-            "huge.png": "too large",
-            "notes.json": "not an image file type",
-        },
-        "converted": {"cmyk.jpg": "CMYK", "sixteen.png": "16-bit", "alpha.png": "transparency composited on white"},
-    }
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
-def test_bad_files_are_converted_or_skipped_with_reasons(tmp_path, draw):
-    draw_subject = draw
-    expected = _write_bad_files(tmp_path, draw)
-    ds = load_image_folder(tmp_path, DatasetOptions(resolution=16))
-    report = ds.report()
-    assert sorted(e.path.name for e in ds.examples) == sorted(expected["converted"])
-    for name, reason in expected["skipped"].items():
-        line = next((ln for ln in report.splitlines() if ln.startswith(f"skipped {name}:")), None)
-        assert line is not None and reason in line, f"{name} should be skipped for '{reason}':\n{report}"
-    for name, note in expected["converted"].items():
-        assert any(ln.startswith(f"converted {name}:") and note in ln for ln in report.splitlines()), report
+def _folder_with_good_image(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(png_bytes(Image.new("RGB", (16, 16), (10, 20, 30))))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("empty.png", lambda: b"", "empty file (0 bytes)"),
+        ("cut.png", lambda: png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"))[:300], "corrupt or truncated"),
+        ("cut.jpg", lambda: _jpeg(Image.effect_noise((64, 64), 50).convert("RGB"))[:400], "corrupt or truncated"),
+        ("notes.png", lambda: b"this is a text file, not a PNG\n" * 4, "cannot be read as an image"),
+        # Pillow's own guard (above 2 x its 89-megapixel limit) fires at open: still named as a bomb.
+        ("bomb.png", lambda: _with_size(png_bytes(Image.new("RGB", (4, 4))), 100000, 100000), "decompression-bomb"),
+        # Above our MAX_PIXELS (64 MP) but below Pillow's warning (89 MP): our own check must catch it.
+        ("big.png", lambda: _with_size(png_bytes(Image.new("RGB", (4, 4))), 9000, 8000), "decompression-bomb"),
+        ("meta.json", lambda: b"{}", "not an image file type (.json)"),
+    ],
+)
+def test_bad_file_is_skipped_with_its_reason(tmp_path, name, content, reason):
+    folder = _folder_with_good_image(tmp_path)
+    (folder / name).write_bytes(content())
+    ds = load_image_folder(folder, OPTS)
+    assert [e.path.name for e in ds.examples] == ["good.png"], "the good image must still load"
+    assert len(ds.skipped) == 1 and ds.skipped[0][0] == name, ds.skipped
+    assert reason in ds.skipped[0][1], ds.skipped
+    assert f"skipped {name}: " in ds.report(), "the report must name every skipped file"
+    if name == "big.png":
+        assert 9000 * 8000 > MAX_PIXELS and str(MAX_PIXELS) in ds.skipped[0][1]
+
+
+def test_cmyk_and_16_bit_are_converted_and_listed(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=95)  # pure red in CMYK
+    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(folder / "deep.png")  # 16-bit white
+    ds = load_image_folder(folder, OPTS)
+    assert dict(ds.converted) == {"cmyk.jpg": "CMYK converted to RGB", "deep.png": "16-bit converted to 8-bit RGB"}
     by_name = {e.path.name: e.pixels for e in ds.examples}
-    assert by_name["alpha.png"].min() == 1.0, "a transparent image is composited on white"
-    # 16-bit values are scaled, not clipped: the 8-bit and 16-bit versions of the same picture agree.
-    grey = np.asarray(draw_subject(0, 32).convert("L").resize((16, 16), Image.Resampling.LANCZOS)) / 255.0
-    assert np.abs(by_name["sixteen.png"][0].numpy() - grey).max() < 0.02  # LANCZOS on 8 vs 16 bit input
-    assert all(p.shape == (3, 16, 16) and 0 <= p.min() and p.max() <= 1 for p in by_name.values())
+    assert all(p.shape == (3, 16, 16) for p in by_name.values())
+    # JPEG is lossy: 0.1 leaves room for its rounding while telling red from any other colour.
+    red = by_name["cmyk.jpg"].mean(dim=(1, 2))
+    assert red[0] > 0.9 and red[1] < 0.1 and red[2] < 0.1, red
+    assert by_name["deep.png"].min() == 1.0, "65535 in 16 bits is white, not clipped or wrapped"
+    assert "converted cmyk.jpg: CMYK" in ds.report()
 
 
-def test_folder_of_only_bad_files_names_folder_and_reasons(tmp_path):
-    (tmp_path / "zero.png").write_bytes(b"")
-    (tmp_path / "text.png").write_text("nope")
+def test_transparency_is_composited_on_white(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 8, 16))  # left half fully transparent black
+    rgba.save(folder / "alpha.png")
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 200, 30, 30] + [0, 0, 0] * 254)
+    pal.paste(0, (0, 0, 8, 16))  # left half index 0, declared transparent
+    pal.save(folder / "palette.png", transparency=0)
+    ds = load_image_folder(folder, OPTS)
+    assert {n for n, _ in ds.converted} == {"alpha.png", "palette.png"}
+    assert all(why == "transparency composited on white" for _, why in ds.converted)
+    px = {e.path.name: e.pixels for e in ds.examples}
+    # 16x16 at resolution 16 is not resampled, so the halves stay exact.
+    assert (px["alpha.png"][:, :, :8] == 1.0).all(), "transparent pixels must become white, not black"
+    assert (px["alpha.png"][:, :, 8:] == 0.0).all()
+    assert (px["palette.png"][:, :, :8] == 1.0).all(), "a palette's transparent index must become white"
+    assert np.allclose(px["palette.png"][:, 0, 12].numpy(), [200 / 255, 30 / 255, 30 / 255])
+
+
+def test_captions_from_txt_or_template(subject_folder):
+    ds = load_image_folder(subject_folder, DatasetOptions(resolution=16, trigger="zwx", class_noun="cat"))
+    for e in ds.examples:
+        i = int(e.path.stem.split("_")[1])
+        if i % 2:
+            assert (e.caption, e.captioned) == ("a photo of sks toy", True), e.path.name
+        else:
+            assert (e.caption, e.captioned) == ("a photo of zwx cat", False), e.path.name
+    assert ds.class_prompt == "a photo of cat", "the class prompt is the template without the trigger"
+    assert "3 with a caption file, 3 from the template" in ds.report()
+
+
+def test_repeats_multiply_the_epoch(subject_folder):
+    ds = load_image_folder(subject_folder, DatasetOptions(resolution=16, repeats=3))
+    assert len(ds) == 18
+    seen = [i for batch in ds.epoch_batches(4, seed=0, epoch=0) for i, _, _ in batch]
+    assert sorted(seen) == sorted(list(range(6)) * 3), "each image appears `repeats` times per epoch"
+    with pytest.raises(DatasetError, match="repeats 0"):
+        load_image_folder(subject_folder, DatasetOptions(resolution=16, repeats=0))
+
+
+def test_center_and_random_crop(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    # 48x16: left third red, middle green, right blue; at resolution 16 only the scale-1 crop remains.
+    arr = np.zeros((16, 48, 3), np.uint8)
+    arr[:, :16, 0] = arr[:, 16:32, 1] = arr[:, 32:, 2] = 255
+    Image.fromarray(arr).save(folder / "wide.png")
+    center = load_image_folder(folder, DatasetOptions(resolution=16, crop="center")).examples[0].pixels
+    assert center.shape == (3, 16, 16)
+    assert (center[1] == 1).all() and (center[0] == 0).all(), "a center crop keeps the middle third"
+    lefts = set()
+    for seed in range(12):
+        px = load_image_folder(folder, DatasetOptions(resolution=16, crop="random"), seed=seed).examples[0].pixels
+        assert px.shape == (3, 16, 16)
+        lefts.add(round(float(px[0].mean()) * 16))  # red columns in the crop tell where it started
+    assert len(lefts) > 3, f"random crops should start at different places over 12 seeds, got {lefts}"
+
+
+@pytest.mark.parametrize("w, h", [(64, 32), (32, 64), (40, 40), (60, 45)])
+def test_buckets_are_multiples_of_64_and_keep_the_aspect(tmp_path, w, h):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (w, h), (90, 90, 90)).save(folder / "img.png")
+    px = load_image_folder(folder, DatasetOptions(resolution=256, buckets=True)).examples[0].pixels
+    bh, bw = px.shape[1:]
+    assert bw % 64 == 0 and bh % 64 == 0, (bw, bh)
+    # With 64-px steps at resolution 256 the closest bucket can be off by up to 15% in aspect (measured worst
+    # over aspects 0.5-2 in steps of 0.01); 2:1, 1:2, 1:1 and 4:3 have exact buckets.
+    assert abs((bw / bh) / (w / h) - 1) < 0.16, (bw, bh)
+    assert bw * bh <= 256**2, "a bucket never has more than resolution^2 pixels"
+
+
+def test_mixed_buckets_batch_by_size(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 32), (i, 0, 0)).save(folder / f"wide{i}.png")
+        Image.new("RGB", (32, 64), (i, 0, 0)).save(folder / f"tall{i}.png")
+    ds = load_image_folder(folder, DatasetOptions(resolution=64 * 2, buckets=True))
+    for batch in ds.epoch_batches(2, seed=0, epoch=0):
+        assert len({tuple(ds.examples[i].pixels.shape) for i, _, _ in batch}) == 1, "a batch mixes bucket sizes"
+
+
+def test_empty_and_missing_folders_are_named(tmp_path):
+    empty = tmp_path / "empty_set"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="empty_set.*the folder is empty"):
+        load_image_folder(empty, OPTS)
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(DatasetError, match="no_such_folder.*does not exist"):
+        load_image_folder(missing, OPTS)
+
+
+def test_only_bad_files_lists_every_reason(tmp_path):
+    folder = tmp_path / "bad_only"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.png").write_bytes(b"not an image")
+    (folder / "c.json").write_text("{}")
     with pytest.raises(DatasetError) as e:
-        load_image_folder(tmp_path)
-    assert str(tmp_path) in str(e.value) and "zero.png: empty file" in str(e.value) and "text.png" in str(e.value)
+        load_image_folder(folder, OPTS)
+    msg = str(e.value)
+    assert "bad_only" in msg
+    for part in ("a.png: empty file", "b.png: cannot be read", "c.json: not an image file type"):
+        assert part in msg, msg
 
 
-def test_empty_and_missing_folders(tmp_path):
-    with pytest.raises(DatasetError, match="the folder is empty"):
-        load_image_folder(tmp_path)
-    missing = tmp_path / "nowhere"
-    with pytest.raises(DatasetError, match=str(missing)):
-        load_image_folder(missing)
-
-
-def test_captions_template_repeats_and_deterministic_batches(subject_folder):
-    options = DatasetOptions(trigger=TRIGGER, class_noun="toy", resolution=16, flip=True, repeats=2,
-                             caption_dropout=0.3, crop="random")
-    ds = load_image_folder(subject_folder, options, seed=1)
-    captions = {e.path.name: (e.caption, e.captioned) for e in ds.examples}
-    assert captions["img_1.png"] == (f"a photo of {TRIGGER} toy", True)
-    assert captions["img_0.png"] == (f"a photo of {TRIGGER} toy", False)
-    assert len(ds) == 12 and "6 image(s)" in ds.report().splitlines()[0]
-    plan = [ds.batch(4, 7, n) for n in range(9)]
-    assert plan == [ds.batch(4, 7, n) for n in range(9)], "the data plan is a pure function of seed and number"
-    epoch = [i for n in range(3) for i, _, _ in plan[n]]
-    assert sorted(epoch) == sorted(list(range(6)) * 2), "one epoch shows every image `repeats` times"
-    flags = [(f, d) for b in plan for _, f, d in b]
-    assert any(f for f, _ in flags) and not all(f for f, _ in flags)
-    assert any(d for _, d in flags) and not all(d for _, d in flags)
-    again = load_image_folder(subject_folder, options, seed=1)
-    assert all((a.pixels == b.pixels).all() for a, b in zip(ds.examples, again.examples))
-
-
-def test_buckets_keep_aspect_ratio(tmp_path, draw):
-    draw_subject = draw
-    draw_subject(0, 64).resize((128, 64)).save(tmp_path / "wide.png")
-    draw_subject(1, 64).save(tmp_path / "square.png")
-    ds = load_image_folder(tmp_path, DatasetOptions(resolution=128, buckets=True))
-    shapes = {e.path.name: tuple(e.pixels.shape[1:]) for e in ds.examples}
-    # At most 128^2 pixels with sides in steps of 64: 128x64 is the 2:1 bucket (nothing cropped away).
-    assert shapes == {"wide.png": (64, 128), "square.png": (128, 128)}
-    assert all(len({tuple(ds.examples[i].pixels.shape) for i, _, _ in b}) == 1 for b in ds.epoch_batches(2, 0, 0))
+def test_epoch_order_is_a_function_of_seed_and_epoch(subject_folder):
+    ds = load_image_folder(subject_folder, DatasetOptions(resolution=16, flip=True, caption_dropout=0.3))
+    a = ds.epoch_batches(2, seed=7, epoch=0)
+    assert a == ds.epoch_batches(2, seed=7, epoch=0), "same seed and epoch must give the same batches"
+    # 6! = 720 orders (times flips and dropouts): a repeat by chance is unlikely, and the seeds here are fixed.
+    assert a != ds.epoch_batches(2, seed=7, epoch=1), "each epoch must be shuffled anew"
+    assert a != ds.epoch_batches(2, seed=8, epoch=0)
+    assert ds.batch(2, seed=7, number=3) == ds.epoch_batches(2, seed=7, epoch=1)[0], "batch 3 = epoch 1's first"
+    flips = [f for b in a + ds.epoch_batches(2, 7, 1) for _, f, _ in b]
+    assert any(flips) and not all(flips), "flip is drawn per image"

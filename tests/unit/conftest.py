@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lora_workbench.lora.state import LoraModule, LoraState
 
 # (kohya name, out, in, kernel) of a handful of SD1-shaped modules: attention, cross-attention (in=768),

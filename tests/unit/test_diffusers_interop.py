@@ -12,10 +12,11 @@ import json
 
 import pytest
 import torch
-from lora_workbench.lora import keys as lora_keys
-from lora_workbench.lora.state import LoraModule, LoraState
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from lora_workbench.lora import keys as lora_keys
+from lora_workbench.lora.state import LoraModule, LoraState
 
 diffusers = pytest.importorskip("diffusers")  # a declared dependency (requirements.txt); present in the venv
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from lora_workbench.lora import keys, safeio
 from lora_workbench.lora.keys import KeyFormat
 from lora_workbench.lora.state import LoraModule, LoraState

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from lora_workbench.lora import keys, merge, safeio
 from lora_workbench.lora.state import LoraState
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from lora_workbench.lora import keys, metadata, safeio
 
 

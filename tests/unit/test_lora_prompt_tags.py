@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lora_workbench.lora.prompt_tags import PromptTag, parse_prompt_tags
 
 

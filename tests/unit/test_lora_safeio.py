@@ -10,6 +10,7 @@ import struct
 import pytest
 import safetensors.torch
 import torch
+
 from lora_workbench.lora import safeio
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lora_workbench.lora import scale
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lora_workbench.lora.stack import normalize_stack, resolve_lora_name
 
 AVAILABLE = ["style/ink.safetensors", "char/sks_dog.safetensors", "detail.safetensors", "v2/detail.safetensors"]
