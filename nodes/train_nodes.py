@@ -173,7 +173,7 @@ class TrainLoraNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, run_name, resume, **settings) -> io.NodeOutput:
         config = TrainConfig(**settings)
-        progress = TrainingProgress(cls.hidden.unique_id, config.steps)
+        progress = TrainingProgress(cls.hidden.unique_id if cls.hidden else None, config.steps)
         # The executor runs nodes under torch.inference_mode; training needs autograd.
         with torch.inference_mode(False), torch.enable_grad():
             api = ComfyModelApi(model, clip, vae, train_text_encoder=config.train_text_encoder)

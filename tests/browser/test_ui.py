@@ -278,7 +278,9 @@ def test_queue_stacking_workflow(ui, renderer, node_types, fixtures_info, comfy_
     # The server ran exactly the rows the editor wrote.
     history = page.evaluate("async () => (await fetch('/history')).json()")
     prompts = [h["prompt"][2] for h in history.values()]
-    sent = [p[str(ids["stack"])]["inputs"]["rows"] for p in prompts if str(ids["stack"]) in p]
+    # Other tests' prompts may have a node with the same id; take only this stack node's.
+    stack = str(ids["stack"])
+    sent = [p[stack]["inputs"]["rows"] for p in prompts if p.get(stack, {}).get("class_type") == STACK]
     assert sent and json.loads(sent[-1]) == rows
     ui.screenshot(f"queue-{renderer}-done")
     assert ui.our_errors() == []
