@@ -30,12 +30,20 @@ class TrainingProgress:
         self.total = total_steps
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.started = time.monotonic()
+        self.first_step: tuple[int, float] | None = None
 
     def on_step(self, step: int, total: int, loss: float) -> None:
         """Move ComfyUI's progress bar and send step, loss, elapsed and remaining seconds to the UI."""
         self.bar.update_absolute(step, total)
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / max(step, 1) * (total - step)
+        now = time.monotonic()
+        elapsed = now - self.started
+        # The rate is measured from the first reported step on: set-up before it (copying the model,
+        # encoding the images, class images) would otherwise inflate the estimate.
+        if self.first_step is None:
+            self.first_step = (step, now)
+        first, first_time = self.first_step
+        rate = (now - first_time) / (step - first) if step > first else elapsed / max(step, 1)
+        eta = rate * (total - step)
         _send(
             PROGRESS_EVENT,
             {"node": self.node_id, "step": step, "total": total, "loss": loss, "elapsed": elapsed, "eta": eta},

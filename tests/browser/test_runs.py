@@ -35,7 +35,8 @@ PRUNE_EXAMPLE = """([keep, steps, seed, runName]) => {
     if (!w) throw new Error(`Train has no widget ${name}`);
     w.value = value; w.callback?.(value);
   };
-  set('steps', steps); set('batch_size', 1); set('seed', seed); set('checkpoint_every', 0); set('run_name', runName); set('resume', false);
+  set('steps', steps); set('batch_size', 1); set('seed', seed);
+  set('checkpoint_every', 0); set('run_name', runName); set('resume', false);
   app.canvas.ds.scale = 1;
   app.canvas.ds.offset = [-600, -420];  // the progress view at the node's foot in sight
   app.canvas.setDirty(true, true);
@@ -60,8 +61,10 @@ SAMPLE = """async () => {
           points: Number(root.dataset.points ?? 0), pixels, right, width: c.width,
           stepText: text('step'), loss: text('loss'), elapsed: text('elapsed'), eta: text('eta'), file: text('file')};
 }"""
-VIEW_STEP = "() => { const r = document.querySelector('[data-testid=lw-train-progress]');" \
+VIEW_STEP = (
+    "() => { const r = document.querySelector('[data-testid=lw-train-progress]');"
     " return r && r.dataset.status ? {status: r.dataset.status, step: Number(r.dataset.step)} : null; }"
+)
 
 
 def test_live_training_progress(ui, node_types):
@@ -123,9 +126,7 @@ def test_live_training_progress(ui, node_types):
     assert done["eta"] == "Remaining 0:00", done
     assert done["file"].startswith("Saved ") and f"browser_live_{renderer}" in done["file"], done
     # The run itself: the loss-curve image reached its SaveImage, and the prompt succeeded.
-    page.wait_for_function(
-        "() => app.nodeOutputs?.['12']?.images?.length > 0", timeout=30_000, polling=100
-    )
+    page.wait_for_function("() => app.nodeOutputs?.['12']?.images?.length > 0", timeout=30_000, polling=100)
     history = page.evaluate("async () => (await fetch('/history?max_items=1')).json()")
     (entry,) = history.values()
     assert entry["status"]["status_str"] == "success", entry["status"]
