@@ -48,20 +48,52 @@ def _one(which: str, size: int, batch: int, steps: int) -> float:
         started = time.perf_counter()
         with torch.inference_mode():
             train.execute(
-                model=[model], latents=latents, positive=[cond], batch_size=[batch], grad_accumulation_steps=[1],
-                steps=[steps], learning_rate=[1e-4], rank=[8], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
-                training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[False],
+                model=[model],
+                latents=latents,
+                positive=[cond],
+                batch_size=[batch],
+                grad_accumulation_steps=[1],
+                steps=[steps],
+                learning_rate=[1e-4],
+                rank=[8],
+                optimizer=["AdamW"],
+                loss_function=["MSE"],
+                seed=[0],
+                training_dtype=["fp32"],
+                lora_dtype=["fp32"],
+                algorithm=["LoRA"],
+                gradient_checkpointing=[False],
                 existing_lora=["[None]"],
             )
     else:
         folder = runtime.node_classes["LoraWorkbenchImageFolder"]
-        dataset = folder.execute(examples.DATASET_INPUT_NAME, "sks", "toy", "a photo of {trigger} {class_noun}", size,
-                                 "center", False, False, 1, 0.0).result[0]
+        dataset = folder.execute(
+            examples.DATASET_INPUT_NAME,
+            "sks",
+            "toy",
+            "a photo of {trigger} {class_noun}",
+            size,
+            "center",
+            False,
+            False,
+            1,
+            0.0,
+        ).result[0]
         train = runtime.node_classes["LoraWorkbenchTrain"]
         started = time.perf_counter()
         with torch.inference_mode():
-            train.execute(model=model, clip=clip, vae=vae, dataset=dataset, run_name="bench", resume=False,
-                          steps=steps, rank=8, batch_size=batch, learning_rate=1e-4)
+            train.execute(
+                model=model,
+                clip=clip,
+                vae=vae,
+                dataset=dataset,
+                run_name="bench",
+                resume=False,
+                steps=steps,
+                rank=8,
+                batch_size=batch,
+                learning_rate=1e-4,
+            )
     return time.perf_counter() - started
 
 
@@ -72,21 +104,31 @@ def main() -> None:
         seconds = _one(which, size, batch, steps)
         print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
-    print(f"{'size':>4} {'batch':>5} | {'ours s/step':>11} {'core s/step':>11} {'ratio':>6} | "
-          f"{'ours RSS MB':>11} {'core RSS MB':>11} {'ratio':>6}", flush=True)
+    print(
+        f"{'size':>4} {'batch':>5} | {'ours s/step':>11} {'core s/step':>11} {'ratio':>6} | "
+        f"{'ours RSS MB':>11} {'core RSS MB':>11} {'ratio':>6}",
+        flush=True,
+    )
     for size in (64, 128):
         for batch in (1, 4):
             row = {}
             for which in ("ours", "core"):
                 runs = []
                 for steps in (N1, N2):
-                    out = subprocess.run([sys.executable, __file__, "--one", which, str(size), str(batch), str(steps)],
-                                         capture_output=True, text=True, check=True)
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--one", which, str(size), str(batch), str(steps)],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
                     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 row[which] = ((runs[1]["seconds"] - runs[0]["seconds"]) / (N2 - N1), max(r["rss_mb"] for r in runs))
             (os_, orss), (cs, crss) = row["ours"], row["core"]
-            print(f"{size:>4} {batch:>5} | {os_:>11.3f} {cs:>11.3f} {os_ / cs:>6.2f} | {orss:>11.0f} {crss:>11.0f} "
-                  f"{orss / crss:>6.2f}", flush=True)
+            print(
+                f"{size:>4} {batch:>5} | {os_:>11.3f} {cs:>11.3f} {os_ / cs:>6.2f} | {orss:>11.0f} {crss:>11.0f} "
+                f"{orss / crss:>6.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

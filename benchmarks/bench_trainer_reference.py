@@ -35,18 +35,39 @@ def _parts():
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
-    te = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=16, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
-        pad_token_id=len(vocab) - 1,
-    ))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4,
-                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2)
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=16,
+            bos_token_id=len(vocab) - 2,
+            eos_token_id=len(vocab) - 1,
+            pad_token_id=len(vocab) - 1,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
     for m in (unet, te, vae):
         m.requires_grad_(False)
     return unet, te, tokenizer, vae, DDPMScheduler(num_train_timesteps=1000)
@@ -85,22 +106,40 @@ def _child(impl: str, res: int, batch: int, pp: bool) -> dict:
         from lora_workbench.trainer.loop import TrainCallbacks, train
 
         stamps = []
-        cfg = TrainConfig(steps=STEPS + 1, rank=RANK, batch_size=batch, learning_rate=1e-4, prior_preservation=pp,
-                          class_images_dir=str(tmp / "class") if pp else "", num_class_images=4)
-        train(DiffusersModelApi(unet, te, tok, vae, sched), ds, cfg,
-              TrainCallbacks(on_step=lambda *a: stamps.append(time.perf_counter())))
+        cfg = TrainConfig(
+            steps=STEPS + 1,
+            rank=RANK,
+            batch_size=batch,
+            learning_rate=1e-4,
+            prior_preservation=pp,
+            class_images_dir=str(tmp / "class") if pp else "",
+            num_class_images=4,
+        )
+        train(
+            DiffusersModelApi(unet, te, tok, vae, sched),
+            ds,
+            cfg,
+            TrainCallbacks(on_step=lambda *a: stamps.append(time.perf_counter())),
+        )
         out["s_per_step"] = (stamps[-1] - stamps[0]) / STEPS
     else:
         import torch.nn.functional as F
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=RANK,
+                lora_alpha=RANK,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
         params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         with torch.no_grad():
-            ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=16,
-                      return_tensors="pt").input_ids
+            ids = tok(
+                ["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=16, return_tensors="pt"
+            ).input_ids
             emb = te(ids)[0]
         inst = torch.stack([e.pixels for e in ds.examples])
         cls_ds = load_image_folder(tmp / "class", DatasetOptions(resolution=res))
@@ -163,27 +202,38 @@ def main() -> None:
         for batch in (1, 4):
             for pp in (False, True):
                 for impl in ("ours", "ref"):
-                    r = subprocess.run([sys.executable, __file__, "--child", impl, str(res), str(batch), str(int(pp))],
-                                       capture_output=True, text=True, check=True, timeout=300)
+                    r = subprocess.run(
+                        [sys.executable, __file__, "--child", impl, str(res), str(batch), str(int(pp))],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        timeout=300,
+                    )
                     rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
                     print(json.dumps(rows[-1]), flush=True)  # partial results survive an interrupted run
     peak = _matmul_peak()
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 2048^2 matmul: {peak / 1e9:.1f} "
-          f"GFLOP/s; wall {time.time() - t_start:.0f} s")
-    print(f"{'res':>4} {'batch':>5} {'prior':>5} | {'ours s/step':>11} {'ref s/step':>10} {'ratio':>6} | "
-          f"{'ours MB':>8} {'ref MB':>7} {'ratio':>6} | {'GFLOP/step':>10} {'ref %peak':>9}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 2048^2 matmul: {peak / 1e9:.1f} "
+        f"GFLOP/s; wall {time.time() - t_start:.0f} s"
+    )
+    print(
+        f"{'res':>4} {'batch':>5} {'prior':>5} | {'ours s/step':>11} {'ref s/step':>10} {'ratio':>6} | "
+        f"{'ours MB':>8} {'ref MB':>7} {'ratio':>6} | {'GFLOP/step':>10} {'ref %peak':>9}"
+    )
     by = {(r["impl"], r["res"], r["batch"], r["pp"]): r for r in rows}
     for res in (64, 128):
         for batch in (1, 4):
             for pp in (False, True):
                 o, f = by["ours", res, batch, pp], by["ref", res, batch, pp]
                 flops = by["ref", res, 1, pp].get("flops", 0) * batch  # FLOPs scale with the batch
-                print(f"{res:>4} {batch:>5} {str(pp):>5} | {o['s_per_step']:>11.3f} {f['s_per_step']:>10.3f} "
-                      f"{o['s_per_step'] / f['s_per_step']:>6.2f} | {o['peak_rss_mb']:>8.0f} {f['peak_rss_mb']:>7.0f} "
-                      f"{o['peak_rss_mb'] / f['peak_rss_mb']:>6.2f} | {flops / 1e9:>10.2f} "
-                      f"{100 * flops / f['s_per_step'] / peak:>8.1f}%")
+                print(
+                    f"{res:>4} {batch:>5} {str(pp):>5} | {o['s_per_step']:>11.3f} {f['s_per_step']:>10.3f} "
+                    f"{o['s_per_step'] / f['s_per_step']:>6.2f} | {o['peak_rss_mb']:>8.0f} {f['peak_rss_mb']:>7.0f} "
+                    f"{o['peak_rss_mb'] / f['peak_rss_mb']:>6.2f} | {flops / 1e9:>10.2f} "
+                    f"{100 * flops / f['s_per_step'] / peak:>8.1f}%"
+                )
 
 
 if __name__ == "__main__":

@@ -45,11 +45,11 @@ def checkpoint_dir(run_name: str) -> str:
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _STEPS = {
     "alpha": 0.5,
-    "learning_rate": 1e-5,
+    "learning_rate": 1e-6,
     "prior_loss_weight": 0.05,
     "min_snr_gamma": 0.5,
     "noise_offset": 0.01,
-    "te_learning_rate": 1e-5,
+    "te_learning_rate": 1e-6,
 }
 
 

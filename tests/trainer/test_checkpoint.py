@@ -74,8 +74,12 @@ def test_class_images_from_a_folder_are_not_generated(model_api, dataset, tmp_pa
     for i in range(3):
         draw(i + 3).rotate(90).save(folder / f"dog_{i}.png")
     counting = _Counting(model_api)
-    result = train(counting, dataset, _cfg(steps=2, prior_preservation=True, class_images_dir=str(folder)),
-                   cache_dir=tmp_path / "cache")
+    result = train(
+        counting,
+        dataset,
+        _cfg(steps=2, prior_preservation=True, class_images_dir=str(folder)),
+        cache_dir=tmp_path / "cache",
+    )
     assert counting.generated == 0 and result.steps_done == 2
     assert not (tmp_path / "cache").exists(), "a class folder needs no cache"
 

@@ -12,7 +12,15 @@ COMFY = ("comfy", "comfy_api", "comfy_execution", "folder_paths", "nodes", "serv
 LIBRARIES = ("peft", "diffusers", "transformers")
 LORA_MODULES = ("state", "safeio", "keys", "metadata", "merge", "scale", "stack", "prompt_tags")
 TRAINER_MODULES = (
-    "config", "dataset", "inject", "objective", "loop", "checkpoint", "loss_plot", "model_api", "diffusers_backend",
+    "config",
+    "dataset",
+    "inject",
+    "objective",
+    "loop",
+    "checkpoint",
+    "loss_plot",
+    "model_api",
+    "diffusers_backend",
 )
 
 
