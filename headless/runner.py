@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .comfy_env import ComfyRuntime
+from .comfy_env import ComfyRuntime, run_sync
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def run_prompt(
 
     prompt = {str(k): v for k, v in prompt.items()}
     prompt_id = str(uuid.uuid4())
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    valid, error, outputs, node_errors = run_sync(execution.validate_prompt(prompt_id, prompt, None))
     if not valid or (strict and node_errors):
         raise WorkflowError(validation_message(error or {"message": "invalid outputs"}, node_errors, prompt))
     server = HeadlessServer(echo=echo)
@@ -125,7 +124,8 @@ def run_prompt(
     if echo:
         # Without a client id the executor sends no "executing" events to report.
         extra_data.setdefault("client_id", "lora-workbench-headless")
-    executor.execute(prompt, prompt_id, extra_data, outputs)
+    # execute_async, not execute: execute calls asyncio.run, which fails inside a running event loop.
+    run_sync(executor.execute_async(prompt, prompt_id, extra_data, outputs))
     if not executor.success:
         raise WorkflowError(_execution_error_message(executor.status_messages))
     return RunResult(prompt_id, executor.history_result.get("outputs", {}), executor, server)
