@@ -8,86 +8,40 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from lora_workbench.trainer import tiny_models
 from lora_workbench.trainer.diffusers_backend import DiffusersModelApi
 
 TRIGGER = "sks"
 
 
-def _tokenizer():
-    """A real CLIPTokenizer over a tiny vocabulary: every byte-level character, its end-of-word form, a few words."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    words = ["sk", "sks</w>", "do", "dog</w>", "to", "toy</w>", "ph", "pho", "phot", "photo</w>", "of</w>"]
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + words)}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    merges = [
-        ("s", "k"),
-        ("sk", "s</w>"),
-        ("d", "o"),
-        ("do", "g</w>"),
-        ("t", "o"),
-        ("to", "y</w>"),
-        ("p", "h"),
-        ("ph", "o"),
-        ("pho", "t"),
-        ("phot", "o</w>"),
-        ("o", "f</w>"),
-    ]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+# Whole words (and the pieces their merges pass through) so the prompts tokenize as words, not characters.
+WORDS = ["sk", "sks</w>", "do", "dog</w>", "to", "toy</w>", "ph", "pho", "phot", "photo</w>", "of</w>"]
+MERGES = [
+    ("s", "k"),
+    ("sk", "s</w>"),
+    ("d", "o"),
+    ("do", "g</w>"),
+    ("t", "o"),
+    ("to", "y</w>"),
+    ("p", "h"),
+    ("ph", "o"),
+    ("pho", "t"),
+    ("phot", "o</w>"),
+    ("o", "f</w>"),
+]
 
 
 @pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory):
     """Factory-fresh tiny UNet, CLIP text encoder, tokenizer, VAE and DDPM scheduler (fixed seeds)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
+    # This random VAE's latents have a std of about 0.23; SD's 0.18215 would shrink them to ~0.04, where the
+    # noise hides the images and almost no training signal is left. 4.0 brings them near unit variance, as
+    # SD's factor does for SD's own VAE.
+    unet, text_encoder, tokenizer, vae, scheduler = tiny_models.tiny_parts(
+        tiny_models.tiny_tokenizer(WORDS, MERGES), vae_scaling_factor=4.0
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=16,
-            bos_token_id=len(tokenizer) - 2,
-            eos_token_id=len(tokenizer) - 1,
-            pad_token_id=len(tokenizer) - 1,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        # This random VAE's latents have a std of about 0.23; SD's 0.18215 would shrink them to ~0.04, where the
-        # noise hides the images and almost no training signal is left. 4.0 brings them near unit variance, as
-        # SD's factor does for SD's own VAE.
-        scaling_factor=4.0,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
     for m in (unet, text_encoder, vae):
-        m.requires_grad_(False).eval()
+        m.eval()
     return unet, text_encoder, tokenizer, vae, scheduler
 
 
