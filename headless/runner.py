@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .comfy_compat import EXECUTOR_CACHE_ARGS, cached_output
 from .comfy_env import ComfyRuntime, run_sync
+from .progress_hook import install_progress_hook
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,8 @@ class HeadlessServer:
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
+        # Read by newer ComfyUI (comfy_compat): no websocket clients here, so none with feature flags.
+        self.sockets_metadata: dict = {}
         self.messages: list[tuple[str, Any]] = []
         self.stream = stream or sys.stderr
         self.echo = echo
@@ -33,6 +38,9 @@ class HeadlessServer:
             print(f"[executing] node {data['node']}", file=self.stream)
         elif event == "progress":
             print(f"[progress] node {data.get('node')}: {data.get('value')}/{data.get('max')}", file=self.stream)
+
+    def queue_updated(self):
+        """Called by newer ComfyUI's prompt queue (comfy_compat); headless runs have no queue to show."""
 
 
 class WorkflowError(RuntimeError):
@@ -54,7 +62,7 @@ class RunResult:
         Raises:
             KeyError: the node did not run or its outputs were not kept.
         """
-        entry = self.executor.caches.outputs.get(str(node_id))
+        entry = cached_output(self.executor.caches, str(node_id))
         if entry is None:
             raise KeyError(f"node {node_id} has no cached outputs")
         outputs = entry.outputs if hasattr(entry, "outputs") else entry
@@ -69,7 +77,7 @@ def _get_executor(server: HeadlessServer):
     import execution
 
     if _executor is None:
-        _executor = execution.PromptExecutor(server, cache_args={"ram": 4.0, "lru": 0})
+        _executor = execution.PromptExecutor(server, cache_args=dict(EXECUTOR_CACHE_ARGS))
     _executor.server = server
     return _executor
 
@@ -111,12 +119,15 @@ def run_prompt(
     """
     import execution
 
-    prompt = {str(k): v for k, v in prompt.items()}
+    # A copy, as the server parses fresh JSON per request: the executor writes its "is_changed" results into the
+    # prompt's node dicts, and a reused dict would keep the first run's fingerprints.
+    prompt = {str(k): copy.deepcopy(v) for k, v in prompt.items()}
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = run_sync(execution.validate_prompt(prompt_id, prompt, None))
     if not valid or (strict and node_errors):
         raise WorkflowError(validation_message(error or {"message": "invalid outputs"}, node_errors, prompt))
     server = HeadlessServer(echo=echo)
+    install_progress_hook(server)
     executor = _get_executor(server)
     if fresh_cache:
         executor.reset()

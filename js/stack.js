@@ -249,9 +249,12 @@ app.registerExtension({
     injectStyle();
     // Hide the raw JSON in both renderers: `hidden` for the canvas (type "hidden" also gives the
     // textarea no layout height), `options.hidden` for Nodes 2.0. Its value is still saved and sent.
+    // The options object is changed in place: frontend 1.49 keeps that very object in its widget
+    // store, which Nodes 2.0 reads, so a replaced object would go unseen there.
     rowsWidget.hidden = true;
     rowsWidget.type = "hidden";
-    rowsWidget.options = { ...(rowsWidget.options ?? {}), hidden: true };
+    rowsWidget.options ??= {};
+    rowsWidget.options.hidden = true;
     node.properties ??= {};
     if (!(SEPARATE_CLIP in node.properties)) node.properties[SEPARATE_CLIP] = false;
 

@@ -16,6 +16,15 @@ const WIDGET_NAME = "lora_train_progress";
 const CAPACITY = 4000;
 const PAD = { left: 40, right: 8, top: 8, bottom: 16 };
 
+/** Return the line that says how a finished run ended (the server's state, its step and checkpoint). */
+function outcomeText(s) {
+  const kept = s.file ? ` (checkpoint kept in ${s.file})` : " (no checkpoint)";
+  if (s.outcome === "cancelled") return `Cancelled at step ${s.step}${kept}`;
+  if (s.outcome === "failed") return `Failed after step ${s.step}${kept}: ${s.message}`;
+  if (s.outcome === "already finished") return `Already finished at step ${s.step}: nothing trained`;
+  return s.file ? `Finished: run ${s.file}` : "Done";
+}
+
 class ProgressView {
   constructor(node) {
     this.node = node;
@@ -56,7 +65,7 @@ class ProgressView {
       item("elapsed", "Elapsed", formatDuration(s.elapsed)),
       item("eta", "Remaining", s.status === "done" ? "0:00" : formatDuration(s.eta)),
     ];
-    if (s.status === "done") parts.push(el("span", { dataset: { key: "file" } }, s.file ? `Saved ${s.file}` : "Done"));
+    if (s.status === "done") parts.push(el("span", { dataset: { key: "file" } }, outcomeText(s)));
     if (s.status === "idle") parts.splice(0, parts.length, el("span", { dataset: { key: "idle" } }, "Waiting for training to start"));
     this.stats.replaceChildren(...parts);
   }

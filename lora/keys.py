@@ -12,8 +12,9 @@ for SDXL), where ``<path>`` is the module's dotted path with ``.`` replaced by `
 - ComfyUI native (core ``TrainLoraNode``): ``diffusion_model.<path>.lora_down.weight``/``lora_up.weight``/
   ``alpha`` plus ``.diff``/``.diff_b`` full deltas for 1-D parameters, kept as ``LoraState.extras``.
 
-LoHa, LoKr and DoRA files are recognised and refused with :class:`UnsupportedLoraError`: ComfyUI applies them
-directly, but their factors are not ``up @ down``, so merge and conversion cannot use them.
+LyCORIS LoCon files (``lycoris_<diffusers UNet path>.lora_down.weight``...) read as kohya ``lora_unet_`` names.
+LoHa, LoKr and DoRA files are recognised and refused here with :class:`UnsupportedLoraError` (their factors are not
+``up @ down``); :mod:`.lycoris` describes them and materialises LoHa/LoKr deltas.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import identity
 from .state import LoraModule, LoraState
 
 
@@ -49,6 +51,10 @@ class UnsupportedLoraError(ValueError):
 
 class NotALoraError(ValueError):
     """A state dict that holds no LoRA factors (a checkpoint, an embedding, an empty file...)."""
+
+
+class DamagedLoraError(ValueError):
+    """A LoRA whose factors are broken: a module missing a factor, or factors whose shapes do not chain."""
 
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers' save_lora_weights uses
@@ -94,6 +100,7 @@ _PATH_WORDS = sorted(
         "linear_1",
         "linear_2",
         "add_embedding",
+        "class_embedding",
         "conv_norm_out",
         "to_add_out",
         "add_q_proj",
@@ -255,7 +262,7 @@ def detect_format(sd: Mapping[str, Any]) -> KeyFormat:
     factor_keys = [k for k in keys if _role(k) is not None and _role(k)[0] in ("down", "up")]
     if not factor_keys:
         return KeyFormat.UNKNOWN
-    if any(_KOHYA_NAME.match(k) for k in factor_keys):
+    if any(_KOHYA_NAME.match(k) or k.startswith("lycoris_") for k in factor_keys):
         return KeyFormat.KOHYA
     if any(k.startswith(("diffusion_model.", "text_encoders.")) for k in factor_keys):
         return KeyFormat.COMFY_NATIVE
@@ -279,6 +286,30 @@ def _role(key: str) -> tuple[str, str, str | None] | None:
     return None
 
 
+def module_part(key: str) -> str | None:
+    """Return the module part of a LoRA tensor key as the file writes it, or None for a key that is no LoRA key.
+
+    ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`` ->
+    ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``; ``lora_te_x.alpha`` -> ``lora_te_x``.
+    """
+    found = _role(key)
+    return None if found is None else found[1]
+
+
+def is_factor_key(key: str) -> bool:
+    """Return True for a key holding a low-rank factor (down/up/mid), not an alpha or a full delta."""
+    found = _role(key)
+    return found is not None and found[0] in ("down", "up", "mid")
+
+
+def alphas_in_header(sd: Mapping[str, Any], metadata: Mapping[str, str]) -> bool:
+    """Return True when a file's alphas live in diffusers' ``lora_adapter_metadata`` header, not in tensors.
+
+    ComfyUI ignores that header and applies such files at alpha = rank; readers here take the header's alphas.
+    """
+    return LORA_ADAPTER_METADATA_KEY in metadata and not any(k.endswith(".alpha") for k in sd)
+
+
 def _component(mod: str, te_names: dict[str, str]) -> tuple[str, str]:
     """Return ``(kohya prefix, dotted path)`` of a module part of a key."""
     m = _KOHYA_NAME.match(mod)
@@ -287,6 +318,9 @@ def _component(mod: str, te_names: dict[str, str]) -> tuple[str, str]:
         if prefix.startswith("lora_te"):
             path = _with_text_model(path)
         return prefix, path
+    if mod.startswith("lycoris_") and "." not in mod:
+        # LyCORIS on a diffusers UNet; ComfyUI maps lycoris_<path> exactly like lora_unet_<path>.
+        return "lora_unet", mod[len("lycoris_") :]
     for lead in ("base_model.model.",):
         if mod.startswith(lead):
             mod = mod[len(lead) :]
@@ -309,24 +343,65 @@ def _component(mod: str, te_names: dict[str, str]) -> tuple[str, str]:
     return "lora_unet", mod
 
 
-def _adapter_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Return peft configs by component ("" for an unprefixed one) from diffusers' ``lora_adapter_metadata``."""
+def _adapter_configs(metadata: Mapping[str, str], where: str) -> dict[str, dict[str, Any]]:
+    """Return peft configs by component ("" for an unprefixed one) from diffusers' ``lora_adapter_metadata``.
+
+    Every field used is type-checked, since the file (not our code) wrote it: ``r`` an int, ``lora_alpha`` a
+    number, ``alpha_pattern``/``rank_pattern`` objects of numbers, ``use_rslora`` a bool.
+
+    Raises:
+        ValueError: for a value that is not JSON or has the wrong type, naming the file and the field.
+    """
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if not raw:
         return {}
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"metadata '{LORA_ADAPTER_METADATA_KEY}' is not JSON: {exc}") from exc
+        raise ValueError(f"{where}: metadata '{LORA_ADAPTER_METADATA_KEY}' is not JSON: {exc}") from exc
     if not isinstance(data, dict):
-        return {}
+        raise ValueError(f"{where}: metadata '{LORA_ADAPTER_METADATA_KEY}' is a {type(data).__name__}, not an object")
     configs: dict[str, dict[str, Any]] = {}
-    fields = ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")
     for key, value in data.items():
-        comp, _, fld = key.rpartition(".")
-        if fld in fields:
-            configs.setdefault(comp, {})[fld] = value
+        comp, _, fld = str(key).rpartition(".")
+        check = _CONFIG_FIELDS.get(fld)
+        if check is None or value is None:
+            continue
+        if not check(value):
+            raise ValueError(
+                f"{where}: metadata '{LORA_ADAPTER_METADATA_KEY}' field '{key}' has an invalid value {value!r:.80}"
+            )
+        configs.setdefault(comp, {})[fld] = value
     return configs
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_number_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items())
+
+
+_CONFIG_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "r": lambda v: _is_number(v) and float(v).is_integer() and v >= 1,
+    "lora_alpha": _is_number,
+    "alpha_pattern": _is_number_map,
+    "rank_pattern": _is_number_map,
+    "use_rslora": lambda v: isinstance(v, bool) or str(v).lower() in ("true", "false"),
+}
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Return True when an ``alpha_pattern``/``rank_pattern`` key names the module ``path``.
+
+    peft matches these keys as regular expressions against a suffix of the path (``(.*\\.)?(key)$``). A file's
+    keys are not compiled here: a crafted pattern could make the server spin for hours (catastrophic
+    backtracking). They are compared literally instead, as the module path or a dotted suffix of it, which is
+    what diffusers and peft write (``down_blocks.0.attentions.0...to_q``, ``attn2.to_k``); a pattern that relies
+    on regex syntax matches nothing and its modules keep the component's ``lora_alpha``.
+    """
+    return path == pattern or path.endswith("." + pattern)
 
 
 _COMPONENT_OF_PREFIX = {
@@ -348,14 +423,7 @@ def _alpha_from_config(configs: dict[str, dict[str, Any]], prefix: str, path: st
         if path in patterns:
             alpha = patterns[path]
         else:
-            for pat, val in patterns.items():
-                # peft's own matching rule for alpha_pattern keys: a suffix of the module path.
-                try:
-                    if re.match(rf"(.*\.)?({pat})$", path):
-                        alpha = val
-                        break
-                except re.error:
-                    continue
+            alpha = next((val for pat, val in patterns.items() if pattern_matches(pat, path)), None)
         if alpha is None:
             alpha = cfg.get("lora_alpha")
         if alpha is None:
@@ -369,7 +437,11 @@ def _alpha_from_config(configs: dict[str, dict[str, Any]], prefix: str, path: st
 
 
 def state_from_dict(
-    sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, source: str = ""
+    sd: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    source: str = "",
+    canonical: bool = True,
 ) -> LoraState:
     """Convert a LoRA state dict of any supported format into a :class:`LoraState` with kohya names.
 
@@ -378,6 +450,8 @@ def state_from_dict(
         metadata: the file's string metadata (kept on the state; diffusers' ``lora_adapter_metadata`` is used
             for alphas and then dropped, since writers regenerate it).
         source: a file name for error messages, kept as ``state.source``.
+        canonical: rename modules to one name per layer (:func:`identity.canonicalize`); False keeps the names
+            the file's keys give.
 
     Returns:
         The state; 1-D full deltas (``.diff``/``.diff_b``) are in ``state.extras``.
@@ -386,9 +460,10 @@ def state_from_dict(
         UnsupportedLoraError: for LoHa, LoKr or DoRA files.
         NotALoraError: when no key is a LoRA factor (a checkpoint, an embedding, an empty dict).
         ValueError: for keys that are neither factors nor known extras, a module missing its up or down
-            factor, or factors whose shapes do not chain (naming the module and both shapes).
+            factor, or factors whose shapes do not chain (naming the module and both shapes), wrongly typed
+            metadata, and two modules naming one layer.
     """
-    where = f"'{source}'" if source else "state dict"
+    where = f"'{source}'" if source else "the adapter"
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     fmt = detect_format(sd)
     if fmt in (KeyFormat.LYCORIS_LOHA, KeyFormat.LYCORIS_LOKR, KeyFormat.DORA):
@@ -403,8 +478,8 @@ def state_from_dict(
         example = next((k for k in sd if marker in k), next(iter(sd)))
         raise UnsupportedLoraError(
             f"{where} is a {label} adapter (e.g. key '{example}'). ComfyUI can still apply this file directly "
-            f"(use it in a LoRA stack), but factor-level operations such as merge and format conversion need "
-            f"plain LoRA up/down factors and cannot use it."
+            f"(use it in a LoRA stack); its factors are not LoRA up/down factors, so merge and format conversion "
+            f"go through lora.lycoris (LoHa and LoKr as exact per-layer deltas; DoRA needs the model's weights)."
         )
     if fmt is KeyFormat.UNKNOWN:
         keys = sorted(sd)
@@ -421,7 +496,7 @@ def state_from_dict(
     if has_te2:
         te_names["text_encoder"] = "lora_te1"
     if TE_NAMES_METADATA_KEY in meta:
-        te_names.update(json.loads(meta.pop(TE_NAMES_METADATA_KEY)))
+        te_names.update(_te_names(meta.pop(TE_NAMES_METADATA_KEY), where))
 
     parts: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
@@ -439,21 +514,21 @@ def state_from_dict(
             continue
         entry = parts.setdefault(name, {"prefix": prefix, "path": path})
         if role in entry:
-            raise ValueError(f"{where}: module '{name}' has two {role} tensors (second key '{key}')")
+            raise DamagedLoraError(f"{where}: module '{name}' has two {role} tensors (second key '{key}')")
         entry[role] = tensor
     if unknown:
         raise ValueError(
             f"{where}: {len(unknown)} keys are neither LoRA factors nor known extras, e.g. {sorted(unknown)[:5]}"
         )
 
-    configs = _adapter_configs(meta)
+    configs = _adapter_configs(meta, where)
     meta.pop(LORA_ADAPTER_METADATA_KEY, None)
     modules: dict[str, LoraModule] = {}
     for name in sorted(parts):
         entry = parts[name]
         if "down" not in entry or "up" not in entry:
             have = sorted(r for r in ("down", "up", "mid", "alpha") if r in entry)
-            raise ValueError(f"{where}: module '{name}' is incomplete: has {have}, needs both down and up")
+            raise DamagedLoraError(f"{where}: module '{name}' is incomplete: has {have}, needs both down and up")
         down, up, mid = entry["down"], entry["up"], entry.get("mid")
         _check_shapes(name, down, up, mid, where)
         if "alpha" in entry:
@@ -461,7 +536,31 @@ def state_from_dict(
         else:
             alpha = _alpha_from_config(configs, entry["prefix"], entry["path"], int(down.shape[0]))
         modules[name] = LoraModule(down=down, up=up, alpha=alpha, mid=mid)
-    return LoraState(modules=modules, metadata=meta, extras=extras, source=source)
+    state = LoraState(modules=modules, metadata=meta, extras=extras, source=source)
+    return identity.canonicalize(state) if canonical else state
+
+
+def _te_names(raw: str, where: str) -> dict[str, str]:
+    """Return the text-encoder prefixes recorded by :func:`to_peft_dict`, type-checked.
+
+    Raises:
+        ValueError: unless the value is a JSON object of ``text_encoder[_N]`` -> ``lora_te[N]``.
+    """
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, str)
+        and re.fullmatch(r"text_encoder(_\d)?", k)
+        and re.fullmatch(r"lora_te\d?", v)
+        for k, v in value.items()
+    ):
+        raise ValueError(
+            f"{where}: metadata '{TE_NAMES_METADATA_KEY}' must map text_encoder[_N] to lora_te[N], got {raw!r:.80}"
+        )
+    return value
 
 
 def _check_shapes(name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None, where: str) -> None:
@@ -469,18 +568,18 @@ def _check_shapes(name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Te
     if mid is not None:
         shapes += f", mid {tuple(mid.shape)}"
     if down.dim() not in (2, 4) or up.dim() != down.dim():
-        raise ValueError(f"{where}: module '{name}' has factors of unexpected dimensions: {shapes}")
+        raise DamagedLoraError(f"{where}: module '{name}' has factors of unexpected dimensions: {shapes}")
     if mid is not None:
         if mid.dim() != 4 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]:
-            raise ValueError(f"{where}: module '{name}' has mismatched Tucker factors: {shapes}")
+            raise DamagedLoraError(f"{where}: module '{name}' has mismatched Tucker factors: {shapes}")
         return
     if up.shape[1] != down.shape[0]:
-        raise ValueError(
+        raise DamagedLoraError(
             f"{where}: module '{name}' has mismatched shapes: {shapes} (up has {up.shape[1]} columns, "
             f"down has {down.shape[0]} rows)"
         )
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        raise ValueError(f"{where}: module '{name}' has a conv up factor that is not 1x1: {shapes}")
+        raise DamagedLoraError(f"{where}: module '{name}' has a conv up factor that is not 1x1: {shapes}")
 
 
 def _alpha_tensor(module: LoraModule) -> torch.Tensor:

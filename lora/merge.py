@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import keys
+from . import identity, keys, lycoris
 from . import metadata as md
 from .state import LoraModule, LoraState
 
@@ -183,7 +183,7 @@ def _as_state(item: LoraState | Mapping[str, torch.Tensor], i: int) -> LoraState
     if isinstance(item, LoraState):
         return item
     try:
-        return keys.state_from_dict(item, source=f"input #{i}")
+        return lycoris.state_from_any(item, source=f"input #{i}")
     except keys.UnsupportedLoraError as exc:
         raise keys.UnsupportedLoraError(
             f"merge input #{i}: {exc} To combine it with other LoRAs, apply them together in a LoRA stack instead "
@@ -222,7 +222,7 @@ def merge(
         ValueError: for an unknown method, weights/states length mismatch, no inputs, rank < 1, a rank above
             the largest sum of input ranks of any module, energy outside (0, 1], inputs of different base
             families, modules whose shapes disagree between inputs, and linear merge of differing ranks.
-        keys.UnsupportedLoraError: for LoHa/LoKr/DoRA inputs given as raw dicts.
+        keys.UnsupportedLoraError: for DoRA inputs given as raw dicts (LoHa/LoKr ones merge as exact deltas).
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method '{method}'; expected one of {METHODS}")
@@ -237,6 +237,9 @@ def merge(
     sts = [_as_state(s, i) for i, s in enumerate(states)]
     sources = [s.source or f"#{i}" for i, s in enumerate(sts)]
     family = _check_family(sts, sources)
+    # One name per layer across inputs: an input that cannot tell its family alone (a text-encoder-only file
+    # with lora_te1_ names) takes the others'. ComfyUI would load only one of two names for a layer.
+    sts = [identity.canonicalize(s, family) for s in sts]
     weights = [float(w) for w in weights]
 
     names = sorted({n for s in sts for n in s.modules})

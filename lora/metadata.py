@@ -8,13 +8,13 @@ from other trainers show up too.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
+from . import identity
 from .state import LoraState
 
 OURS = "lora_workbench."
@@ -150,7 +150,7 @@ def build_metadata(
     if alpha is _UNSET:
         alpha = float(rank) if rank is not None else None
     if base_family is _UNSET:
-        base_family = _family_from_metadata(meta)
+        base_family = family_from_metadata(meta)
     if base_family is not None and base_family not in FAMILIES:
         raise ValueError(f"unknown base family '{base_family}'; expected one of {sorted(FAMILIES)}")
     if rank is not None and rank < 1:
@@ -256,7 +256,8 @@ def trigger_words(metadata: Mapping[str, str], *, max_tags: int = 5) -> list[str
     return _dedupe(w.strip() for w in words if w.strip())
 
 
-def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """Return the base family a file's metadata claims (ours, kohya's, the model spec's), or None."""
     ours = metadata.get(OURS + "base_family")
     if ours in FAMILIES:
         return ours
@@ -273,46 +274,37 @@ def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     return None
 
 
-def _in_features(obj: LoraState | Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
-    """Return ``(module key, in features)`` for every down factor."""
-    if isinstance(obj, LoraState):
-        return [(name, int(m.down.shape[1])) for name, m in obj.modules.items()]
-    out = []
-    for k, t in obj.items():
-        if re.search(r"(\.lora_down\.weight|\.lora_A(\.[^.]+)?\.weight|\.lora\.down\.weight|\.hada_w1_b)$", k):
-            out.append((k, int(t.shape[1]) if t.dim() >= 2 else 0))
-    return out
-
-
 def base_family(sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str | None:
-    """Return the base model family of a LoRA: from metadata, else from its keys and shapes.
+    """Return the base model family of a LoRA: from its tensor shapes, else from what its metadata claims.
 
-    Metadata wins (``lora_workbench.base_family``, ``ss_base_model_version``, ``modelspec.architecture``,
-    ``ss_v2``). From keys: Flux ``double_blocks``/``single_blocks``, SD3 ``joint_blocks``, SDXL ``lora_te1``/
-    ``lora_te2`` or cross-attention ``to_k`` input 2048; SD1 for 768, SD2 for 1024 (cross-attention or
-    text-encoder width).
+    Shapes decide (:func:`identity.family_from_shapes`: cross-attention context width, the text encoders and their
+    widths, Flux/SD3 block names); shared files often carry wrong metadata, so it is only a hint, used when the
+    shapes cannot tell (e.g. a UNet-only file without cross-attention modules).
 
     Returns:
         ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or None when it cannot be told.
     """
     meta = metadata if metadata is not None else (sd.metadata if isinstance(sd, LoraState) else {})
-    fam = _family_from_metadata(meta)
-    if fam:
-        return fam
-    pairs = _in_features(sd)
-    names = [n.replace(".", "_") for n, _ in pairs]
-    if any("double_blocks" in n or "single_blocks" in n or "single_transformer_blocks" in n for n in names):
-        return "flux"
-    if any("joint_blocks" in n for n in names):
-        return "sd3"
-    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2_", "text_encoders_clip_g")) for n in names):
-        return "sdxl"
-    for n, width in zip(names, (w for _, w in pairs)):
-        if "attn2" in n and ("to_k" in n or "to_v" in n):
-            return {2048: "sdxl", 1024: "sd2", 768: "sd1"}.get(width)
-    for n, width in zip(names, (w for _, w in pairs)):
-        if ("lora_te_" in n or n.startswith("text_encoder")) and ("q_proj" in n or "k_proj" in n):
-            return {768: "sd1", 1024: "sd2"}.get(width)
+    return family_from_tensors(sd) or family_from_metadata(meta)
+
+
+def family_from_tensors(sd: LoraState | Mapping[str, torch.Tensor]) -> str | None:
+    """Return the family told by a LoRA's tensor shapes alone, or None (also for a dict that is no readable LoRA)."""
+    from . import keys
+
+    if not isinstance(sd, LoraState):
+        try:
+            sd = keys.state_from_dict(sd, canonical=False)
+        except ValueError:
+            return None
+    return identity.family_from_shapes(sd.modules)
+
+
+def family_disagreement(sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str | None:
+    """Return a warning when the metadata claims another family than the tensor shapes show, else None."""
+    claimed, shown = family_from_metadata(metadata), family_from_tensors(sd)
+    if claimed and shown and claimed != shown:
+        return f"its metadata says {claimed}, but its tensor shapes are {shown}'s; the shapes are used"
     return None
 
 
@@ -344,30 +336,36 @@ def training_settings(metadata: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def describe(state_or_sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> dict:
+def describe(
+    state_or_sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, source: str = ""
+) -> dict:
     """Return a summary for a LoRA Info display.
 
     Args:
         state_or_sd: a state, or a raw state dict (converted with :func:`keys.state_from_dict`).
         metadata: file metadata (default: the state's).
+        source: the file's name, for error messages.
 
     Returns:
         A dict with ``format``, ``modules``, ``unet_modules``, ``te_modules``, ``conv_modules``, ``ranks``,
         ``alphas`` (sorted distinct values; an absent alpha counts as the rank), ``family``, ``trigger_words``,
-        ``training_settings``, ``extras`` (names of kept non-factor tensors), ``title`` and ``merge_recipe``.
+        ``training_settings``, ``extras`` (names of kept non-factor tensors), ``title`` and ``merge_recipe``; for a
+        LyCORIS LoHa/LoKr/DoRA dict, :func:`lycoris.describe`'s summary (the same keys plus ``algorithm``).
 
     Raises:
-        UnsupportedLoraError, NotALoraError, ValueError: as :func:`keys.state_from_dict` for a raw dict.
+        NotALoraError, ValueError: as :func:`keys.state_from_dict` or :func:`lycoris.read_modules` for a raw dict.
     """
-    from . import keys
+    from . import keys, lycoris
 
     if isinstance(state_or_sd, LoraState):
         state, fmt = state_or_sd, "state"
         meta = dict(metadata if metadata is not None else state.metadata)
     else:
         meta = dict(metadata or {})
+        if lycoris.algorithm(state_or_sd) is not None:
+            return lycoris.describe(state_or_sd, meta, source=source)
         fmt = keys.detect_format(state_or_sd).value
-        state = keys.state_from_dict(state_or_sd, meta)
+        state = keys.state_from_dict(state_or_sd, meta, source=source)
     mods = state.modules
     return {
         "format": fmt,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -38,17 +39,21 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # means a corrupt or hostile file, and reading it would allocate that much memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _CACHE_MAX_ENTRIES = 16
+# The cache holds whole files in memory: bound it by bytes as well (sixteen SDXL LoRAs would pin over 10 GB).
+# A file larger than the bound is read but not kept.
+CACHE_MAX_BYTES = 2 * 1024**3
 
 CacheKey = tuple[str, int, int]
 
 
 @dataclass
 class CacheInfo:
-    """Counters of the read cache: ``hits``, ``misses`` and the number of ``entries`` held."""
+    """Counters of the read cache: ``hits``, ``misses``, the number of ``entries`` held and their ``bytes``."""
 
     hits: int
     misses: int
     entries: int
+    bytes: int = 0
 
 
 _cache: OrderedDict[CacheKey, tuple[dict[str, torch.Tensor], dict[str, str]]] = OrderedDict()
@@ -78,7 +83,7 @@ def cache_key(path: str | os.PathLike[str]) -> CacheKey:
 def cache_info() -> CacheInfo:
     """Return the hit/miss counters and size of the read cache."""
     with _cache_lock:
-        return CacheInfo(_hits, _misses, len(_cache))
+        return CacheInfo(_hits, _misses, len(_cache), sum(_nbytes(sd) for sd, _ in _cache.values()))
 
 
 def cache_clear() -> None:
@@ -91,13 +96,15 @@ def cache_clear() -> None:
 
 
 def read_safetensors(
-    path: str | os.PathLike[str], *, allow_pickle: bool = False
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, display: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a LoRA file after validating it, using the cache for an unchanged file.
 
     Args:
         path: a ``.safetensors`` file; ``.ckpt/.pt/.pth/.bin`` only with ``allow_pickle``.
         allow_pickle: load a pickle-based file with ``torch.load(weights_only=True)``.
+        display: the name messages use (e.g. the name in ``models/loras``, so no server path reaches a client);
+            defaults to ``path``.
 
     Returns:
         ``(state_dict, metadata)``: new dicts on every call (the tensors themselves are shared with the cache;
@@ -117,15 +124,82 @@ def read_safetensors(
             sd, meta = _cache[key]
             return dict(sd), dict(meta)
         _misses += 1
-    sd, meta = _read_uncached(Path(key[0]), display=str(path), allow_pickle=allow_pickle)
+    sd, meta = _read_uncached(Path(key[0]), display=display or str(path), allow_pickle=allow_pickle)
     with _cache_lock:
         # A rewritten file has a new key; drop the stale entries of the same path so memory does not grow.
         for stale in [k for k in _cache if k[0] == key[0]]:
             del _cache[stale]
-        _cache[key] = (sd, meta)
-        while len(_cache) > _CACHE_MAX_ENTRIES:
-            _cache.popitem(last=False)
+        if _nbytes(sd) <= CACHE_MAX_BYTES:
+            _cache[key] = (sd, meta)
+        held = sum(_nbytes(t) for t, _ in _cache.values())
+        while _cache and (len(_cache) > _CACHE_MAX_ENTRIES or held > CACHE_MAX_BYTES):
+            _, (old, _) = _cache.popitem(last=False)
+            held -= _nbytes(old)
     return dict(sd), dict(meta)
+
+
+def _nbytes(sd: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def read_header(
+    path: str | os.PathLike[str], *, display: str | None = None, load: Any = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file's header only: tensors as shape-only ``meta`` tensors, plus the metadata.
+
+    Enough to tell a LoRA's format, ranks, shapes and family without reading megabytes of weights (the info panel
+    asks for every row of a stack on every change). Keys for which ``load(key)`` is true (e.g. ``.alpha`` scalars)
+    are read for real.
+
+    Returns:
+        ``(state_dict, metadata)``; tensors on the ``meta`` device except the loaded ones.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        LoraFileError: as :func:`validate_safetensors`, for a pickle suffix, or an unknown dtype in the header.
+    """
+    name = display if display is not None else str(path)
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFileError(f"'{name}' is a pickle file; only .safetensors headers are read without loading it")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"LoRA file not found: '{name}'")
+    header = validate_safetensors(path, display=name)
+    meta = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    sd: dict[str, torch.Tensor] = {}
+    wanted = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _DTYPES.get(str(entry.get("dtype")))
+        shape = entry.get("shape")
+        if dtype is None or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise LoraFileError(f"'{name}' has a malformed header entry for tensor '{key}': {entry!r:.120}")
+        if load is not None and load(key):
+            wanted.append(key)
+        else:
+            sd[key] = torch.empty(shape, dtype=dtype, device="meta")
+    if wanted:
+        with safetensors.safe_open(str(path), "pt", device="cpu") as f:
+            for key in wanted:
+                sd[key] = f.get_tensor(key)
+        check_finite({k: sd[k] for k in wanted}, name)
+    return sd, meta
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+    "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+}
 
 
 def _read_uncached(path: Path, *, display: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..lora import scale as lora_scale
 from ..lora.stack import normalize_stack
-from .adapter_dict import metadata_of
+from .adapter_dict import metadata_of, source_of
 from .files import read_lora
 from .patching import LoraToApply, apply_loras, format_report, model_family
 from .types import CATEGORY_INFERENCE, LoraModel, LoraStack
@@ -95,7 +95,7 @@ class ApplyLoraStackNode(io.ComfyNode):
         if adapter is not None:
             loras.append(
                 LoraToApply(
-                    "in-graph adapter",
+                    source_of(adapter),
                     dict(adapter),
                     metadata_of(adapter),
                     adapter_strength * scale,

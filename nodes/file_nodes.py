@@ -9,10 +9,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..lora import keys as lora_keys
+from ..lora import lycoris, safeio
+from ..lora import merge as lora_merge
 from ..lora import metadata as lora_metadata
-from ..lora import safeio
-from .adapter_dict import LoraTensors, metadata_of
-from .files import lora_names, read_lora, resolve_lora_path
+from .adapter_dict import LoraTensors, metadata_of, source_of
+from .files import display_name, lora_names, read_lora, resolve_lora_path
 from .patching import key_map_for, load_patches
 from .types import CATEGORY_FILES, LoraModel
 
@@ -69,7 +70,7 @@ class LoadLoraNode(io.ComfyNode):
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:
         _, tensors, metadata = read_lora(lora_name)
-        return io.NodeOutput(LoraTensors(tensors, metadata))
+        return io.NodeOutput(LoraTensors(tensors, metadata, source=lora_name))
 
 
 class LoraInfoNode(io.ComfyNode):
@@ -88,8 +89,15 @@ class LoraInfoNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name, model=None, clip=None) -> io.NodeOutput:
-        _, tensors, metadata = read_lora(lora_name)
-        text = format_info(lora_name, lora_metadata.describe(tensors, metadata))
+        if model is None and clip is None:
+            # Describing needs shapes, metadata and alphas only: the header and the alpha scalars.
+            path = resolve_lora_path(lora_name)
+            tensors, metadata = safeio.read_header(
+                path, display=display_name(lora_name), load=lambda key: key.endswith(".alpha")
+            )
+        else:
+            _, tensors, metadata = read_lora(lora_name)
+        text = format_info(lora_name, lora_metadata.describe(tensors, metadata, source=display_name(lora_name)))
         if model is not None or clip is not None:
             text += "\n" + _match_summary(tensors, model, clip)
         words = ", ".join(lora_metadata.trigger_words(metadata))
@@ -139,10 +147,17 @@ class SaveLoraNode(io.ComfyNode):
     def execute(cls, adapter, filename, trigger_words="", overwrite=False) -> io.NodeOutput:
         path = _output_path(filename)
         metadata = metadata_of(adapter)
-        state = lora_keys.state_from_dict(dict(adapter), metadata, source="in-graph adapter")
         words = [w.strip() for w in trigger_words.split(",") if w.strip()]
-        state.metadata.update(lora_metadata.build_metadata(state, trigger_words=words or None, existing=metadata))
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if lycoris.algorithm(adapter) is not None:
+            # LoHa/LoKr/DoRA: written as read (keys, tensors, metadata), so nothing of the original is lost;
+            # only trigger words typed here are added.
+            if words:
+                metadata["modelspec.trigger_phrase"] = ", ".join(words)
+            safeio.write_safetensors(path, dict(adapter), metadata, overwrite=overwrite)
+            return io.NodeOutput(path, ui={"text": [path]})
+        state = lora_keys.state_from_dict(dict(adapter), metadata, source=source_of(adapter))
+        state.metadata.update(lora_metadata.build_metadata(state, trigger_words=words or None, existing=metadata))
         safeio.write_safetensors(path, lora_keys.to_kohya_dict(state), state.metadata, overwrite=overwrite)
         return io.NodeOutput(path, ui={"text": [path]})
 
@@ -163,24 +178,54 @@ class ConvertLoraNode(io.ComfyNode):
                     options=FORMATS,
                     default="kohya",
                     tooltip="kohya: what ComfyUI, A1111 and diffusers all load. peft: diffusers/peft naming "
-                    "(unet.<path>.lora_A); ComfyUI 0.3.75 reads only its text-encoder part.",
+                    "(unet.<path>.lora_A, alphas in the header), for diffusers. Apply LoRA Stack applies a peft "
+                    "file fully; core Load LoRA reads only its text-encoder part, at alpha = rank (it ignores the "
+                    "header), and none of ComfyUI's .diff/.diff_b tensors.",
                 ),
                 io.String.Input("filename", default="lora_workbench/converted"),
                 io.Boolean.Input("overwrite", default=False),
+                io.Int.Input(
+                    "rank",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    optional=True,
+                    tooltip="LyCORIS LoHa/LoKr files only: the LoRA rank to re-factor each layer's exact change to "
+                    "(the report gives the error made); 0 = exact (each layer's own rank, often large).",
+                ),
             ],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path"), io.String.Output(display_name="report")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, lora_name, format, filename, overwrite=False) -> io.NodeOutput:
+    def execute(cls, lora_name, format, filename, overwrite=False, rank=0) -> io.NodeOutput:
         path = _output_path(filename)
         _, tensors, metadata = read_lora(lora_name)
-        state = lora_keys.state_from_dict(tensors, metadata, source=lora_name)
+        state = lycoris.state_from_any(tensors, metadata, source=display_name(lora_name))
+        report = f"{format} format, exact"
+        if lycoris.algorithm(tensors) is not None:
+            state, report = _lycoris_to_rank(state, rank)
         if format == "kohya":
             out, out_metadata = lora_keys.to_kohya_dict(state), state.metadata
         else:
             out, out_metadata = lora_keys.to_peft_dict(state)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         safeio.write_safetensors(path, out, out_metadata, overwrite=overwrite)
-        return io.NodeOutput(path, ui={"text": [path]})
+        return io.NodeOutput(path, report, ui={"text": [path, report]})
+
+
+def _lycoris_to_rank(state, rank: int):
+    """Return ``(state, report)``: a LyCORIS file's exact-delta state re-factored to ``rank`` (0: kept exact)."""
+    algo = state.metadata.get("lora_workbench.lycoris_algorithm", "LyCORIS")
+    exact = max(state.ranks)
+    if not rank or rank >= exact:
+        out, report = state, f"{algo} -> LoRA of each layer's exact rank (up to {exact}); relative error 0"
+    else:
+        result = lora_merge.merge([state], [1.0], "svd", rank=rank)
+        out, error = result.state, result.report.overall_error
+        report = f"{algo} -> LoRA rank {rank}; relative error (Frobenius, all layers) {error:.3e}"
+    # The file's kohya keys (ss_network_module "lycoris.kohya", its algo args) would describe the wrong network.
+    out.metadata = lora_metadata.build_metadata(out, existing=state.metadata)
+    out.metadata.pop("ss_network_args", None)
+    return out, report

@@ -7,9 +7,10 @@ import json
 from comfy_api.latest import io
 
 from ..lora import keys as lora_keys
+from ..lora import lycoris
 from ..lora import merge as lora_merge
 from ..lora.stack import normalize_stack
-from .adapter_dict import LoraTensors, metadata_of
+from .adapter_dict import LoraTensors, metadata_of, source_of
 from .files import read_lora
 from .types import CATEGORY_FILES, LoraModel, LoraStack
 
@@ -77,11 +78,12 @@ class LoraMergeNode(io.ComfyNode):
         states = []
         for name, strength_model, strength_clip in normalize_stack(list(lora_stack or [])):
             _, tensors, metadata = read_lora(name)
-            state = lora_keys.state_from_dict(tensors, metadata, source=name)
+            state = lycoris.state_from_any(tensors, metadata, source=name)
             states.append(state.scaled(strength_model, strength_clip))
         for i, (adapter, strength) in enumerate(((adapter_1, adapter_1_strength), (adapter_2, adapter_2_strength)), 1):
             if adapter is not None:
-                state = lora_keys.state_from_dict(dict(adapter), metadata_of(adapter), source=f"adapter_{i}")
+                source = source_of(adapter, f"adapter_{i}")
+                state = lycoris.state_from_any(dict(adapter), metadata_of(adapter), source=source)
                 states.append(state.scaled(strength, strength))
         if not states:
             raise ValueError("LoRA Merge: nothing to merge; connect a lora_stack or an adapter")
@@ -89,5 +91,9 @@ class LoraMergeNode(io.ComfyNode):
         result.state.metadata["lora_workbench.merge_report"] = json.dumps(
             {"overall_error": result.report.overall_error, "method": method}
         )
-        adapter = LoraTensors(lora_keys.to_kohya_dict(result.state), result.state.metadata)
+        adapter = LoraTensors(
+            lora_keys.to_kohya_dict(result.state),
+            result.state.metadata,
+            source="merge of " + ", ".join(result.report.sources),
+        )
         return io.NodeOutput(adapter, format_merge_report(result.report))

@@ -1,24 +1,30 @@
-"""Apply LoRAs through ComfyUI's own patching, with a per-LoRA report of what matched.
+"""Apply LoRAs through ComfyUI's own patching, with a per-LoRA report of what matched and how.
 
 This is the ComfyUI glue behind Apply LoRA Stack and LoRA Info: ComfyUI's key maps
 (``comfy.lora.model_lora_keys_unet/clip``), its format conversion and adapter classes
 (``comfy.lora.load_lora``) and ``ModelPatcher.add_patches``, exactly as core
 ``comfy.sd.load_lora_for_models`` uses them, so every format ComfyUI reads works and the
-result equals a chain of core LoraLoader nodes. Nothing is copied into the base weights until
-sampling.
+result equals a chain of core LoraLoader nodes. Where ComfyUI's key map is blind (diffusers/peft
+files, ``lora_te1_`` SD1 text encoders, alphas kept in a diffusers header), ``lora.keys`` reads
+those modules and they are handed to ComfyUI again under names it maps, so every key of every file
+``lora/`` reads is applied. Nothing is copied into the base weights until sampling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 
 import comfy.lora
 import comfy.lora_convert
 
+from ..lora import identity as lora_identity
+from ..lora import keys as lora_keys
 from ..lora import metadata as lora_metadata
 from ..lora import scale as lora_scale
+from ..lora import state as lora_state
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ _UNMATCHED_PREFIX = "lora key not loaded: "
 
 @dataclass
 class LoraToApply:
-    """One LoRA to apply: a label for messages, its tensors and metadata, and two strengths."""
+    """One LoRA to apply: a label (its file name) for messages, its tensors and metadata, and two strengths."""
 
     label: str
     tensors: dict
@@ -56,7 +62,13 @@ class LoraToApply:
 
 @dataclass
 class AppliedLora:
-    """What applying one LoRA did: keys patched on the model and on CLIP, keys matching nothing."""
+    """What applying one LoRA did: keys patched on the model and on CLIP, keys matching nothing, how it was read.
+
+    ``path`` says which way the file went: ``"ComfyUI"`` (ComfyUI's own key map read every key),
+    ``"converted"`` (LoRA Workbench renamed every module to names ComfyUI maps) or ``"ComfyUI + converted"``;
+    ``converted`` counts the modules converted and ``warnings`` holds what the user should know (metadata that
+    disagrees with the tensors, ...).
+    """
 
     label: str
     strength_model: float
@@ -65,26 +77,24 @@ class AppliedLora:
     clip_keys: int = 0
     unmatched: list[str] = field(default_factory=list)
     trigger_words: list[str] = field(default_factory=list)
+    path: str = "ComfyUI"
+    converted: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Target:
+    """What one Apply call patches: ComfyUI's key map and the shape of every weight it can reach."""
+
+    key_map: dict
+    shapes: dict
+    family: str | None
 
 
 def model_family(model) -> str | None:
     """Return the base family ("sd1", "sdxl", ...) of a ComfyUI MODEL, or None when unknown."""
     config = getattr(getattr(model, "model", None), "model_config", None)
     return _FAMILY_BY_MODEL_CLASS.get(type(config).__name__) if config is not None else None
-
-
-def check_family(label: str, tensors: dict, metadata: dict, model) -> None:
-    """Raise ValueError when a LoRA was made for another base family than ``model``.
-
-    Unknown families on either side pass: only a known mismatch is an error.
-    """
-    theirs = lora_metadata.base_family(tensors, metadata)
-    ours = model_family(model) if model is not None else None
-    if theirs and ours and theirs != ours:
-        raise ValueError(
-            f"LoRA '{label}' was made for {theirs}, but the model is {ours}: it would patch nothing or the "
-            f"wrong layers. Pick a LoRA for {ours} or a {theirs} checkpoint."
-        )
 
 
 class _CollectUnmatched(logging.Filter):
@@ -123,12 +133,146 @@ def key_map_for(model, clip) -> dict:
     return key_map
 
 
+def _target(model, clip) -> _Target:
+    shapes: dict = {}
+    if model is not None:
+        shapes.update((k, tuple(t.shape)) for k, t in model.model.state_dict().items())
+    if clip is not None:
+        shapes.update((k, tuple(t.shape)) for k, t in clip.cond_stage_model.state_dict().items())
+    return _Target(key_map_for(model, clip), shapes, model_family(model) if model is not None else None)
+
+
 def load_patches(tensors: dict, key_map: dict) -> tuple[dict, list[str]]:
     """Return ComfyUI's patches for a LoRA state dict and the LoRA keys that matched nothing."""
     converted = comfy.lora_convert.convert_lora(tensors)
     with _collect_unmatched() as collector:
         patches = comfy.lora.load_lora(converted, key_map)
     return patches, collector.keys
+
+
+def _read_state(item: LoraToApply):
+    """Return ``(state with the file's own names, None)`` or ``(None, why lora/ cannot read it)``.
+
+    Raises:
+        ValueError: for a damaged file (a module missing a factor, factor shapes that do not chain), naming the
+            file, the module and the shapes.
+    """
+    try:
+        return lora_keys.state_from_dict(item.tensors, item.metadata, source=item.label, canonical=False), None
+    except lora_keys.DamagedLoraError:
+        raise
+    except ValueError as exc:  # not a LoRA to lora/ (maybe a format only ComfyUI reads, e.g. OFT)
+        return None, str(exc)
+
+
+def _names_comfy_maps(state, key_map: dict) -> dict[str, str]:
+    """Return ``{module name: the name of the same layer that ComfyUI's key map knows}`` for the modules it can.
+
+    Tried in order: the name itself, then its canonical name (diffusers-style UNet paths, ``lora_te_`` for a
+    single text encoder), then the other text-encoder spelling (``lora_te1_`` <-> ``lora_te_``).
+    """
+    canonical = lora_identity.canonical_names(state.modules)
+    out = {}
+    for name in state.modules:
+        candidates = [name, canonical[name]]
+        for a, b in (("lora_te1_", "lora_te_"), ("lora_te_", "lora_te1_")):
+            if name.startswith(a):
+                candidates.append(b + name[len(a) :])
+        hit = next((c for c in candidates if c in key_map), None)
+        if hit is not None:
+            out[name] = hit
+    return out
+
+
+def _check_shapes(item: LoraToApply, state, mapped: dict[str, str], target: _Target) -> None:
+    """Raise when a module's delta does not fit the weight it patches (a LoRA made for another model).
+
+    Raises:
+        ValueError: naming the file, the first modules, both shapes and the families involved.
+    """
+    bad = []
+    for name, lora_name in mapped.items():
+        key = target.key_map[lora_name]
+        if not isinstance(key, str) or key not in target.shapes:
+            continue  # (key, slice) targets patch part of a fused weight; ComfyUI checks those itself
+        weight, m = target.shapes[key], state.modules[name]
+        kernel = math.prod(m.mid.shape[2:]) if m.mid is not None else math.prod(m.down.shape[2:])
+        out, fan_in = int(m.up.shape[0]), int(m.down.shape[1]) * kernel
+        if weight[0] != out or math.prod(weight[1:]) != fan_in:
+            bad.append(f"module '{name}' makes a {out} x {fan_in} change for '{key}', which is {weight}")
+    if bad:
+        theirs = lora_identity.family_from_shapes(state.modules) or "another model"
+        ours = target.family or "another kind"
+        raise ValueError(
+            f"LoRA '{item.label}' does not fit this model: {len(bad)} module(s) have other shapes than the weights "
+            f"they patch, e.g. {'; '.join(bad[:3])}. Its shapes are {theirs}'s; the model is {ours}."
+        )
+
+
+def _plan(item: LoraToApply, target: _Target) -> tuple[dict, list[str], AppliedLora]:
+    """Return ``(patches, unmatched keys, report)`` for one LoRA: ComfyUI's reading, converted where it is blind.
+
+    ComfyUI reads the file first, exactly as core Load LoRA does. The modules whose keys its key map does not
+    know (diffusers/peft UNet names, ``lora_te1_`` text encoders without ``text_model``), and every module of a
+    file whose alphas live in diffusers' header (ComfyUI ignores it and applies alpha = rank), are then read by
+    ``lora.keys``, renamed to what the key map knows, and given to ComfyUI again as kohya tensors.
+
+    Raises:
+        ValueError: a damaged file, a LoRA whose shapes do not fit the model, or a file of which no key applies.
+    """
+    state, unreadable = _read_state(item)
+    report = AppliedLora(item.label, item.strength_model, item.strength_clip)
+    patches, unmatched = load_patches(item.tensors, target.key_map)
+    if state is not None:
+        warning = lora_metadata.family_disagreement(state, item.metadata)
+        if warning:
+            report.warnings.append(warning)
+        mapped = _names_comfy_maps(state, target.key_map)
+        _check_shapes(item, state, mapped, target)
+        every = {lora_keys.module_part(k) for k in item.tensors} - {None}
+        convert = {lora_keys.module_part(k) for k in unmatched} - {None}
+        if lora_keys.alphas_in_header(item.tensors, item.metadata):
+            convert = every
+        if convert:
+            patches, unmatched, report.converted = _convert(item, convert, mapped, target)
+            if report.converted:
+                report.path = "converted" if report.converted == len(state.modules) else "ComfyUI + converted"
+    if not patches:
+        detail = f": {unreadable}" if unreadable else ""
+        raise ValueError(
+            f"LoRA '{item.label}' applies to nothing: none of its {len(item.tensors)} keys matches a weight of "
+            f"this model or CLIP (first keys {sorted(item.tensors)[:3]}){detail}"
+        )
+    return patches, unmatched, report
+
+
+def _convert(item: LoraToApply, convert: set, mapped: dict[str, str], target: _Target):
+    """Return ``(patches, unmatched, modules converted)``: the ``convert`` modules that ``lora.keys`` can name for
+    ComfyUI's key map, handed to ComfyUI as kohya tensors under those names, plus ComfyUI's own reading of the
+    rest (modules nobody maps stay there, so the report lists their keys as the file writes them)."""
+    groups: dict = {}
+    for key, tensor in item.tensors.items():
+        groups.setdefault(lora_keys.module_part(key), {})[key] = tensor
+    keep, renamed, extras = {}, {}, {}
+    for part, group in groups.items():
+        sub = None
+        if part in convert and any(lora_keys.is_factor_key(k) for k in group):
+            sub = lora_keys.state_from_dict(group, item.metadata, source=item.label, canonical=False)
+            names = {n: mapped.get(n) or _names_comfy_maps(sub, target.key_map).get(n) for n in sub.modules}
+        if sub is None or None in names.values():
+            keep.update(group)
+            continue
+        renamed.update((names[n], m) for n, m in sub.modules.items())
+        for key, tensor in sub.extras.items():
+            mod, _, suffix = key.rpartition(".")
+            extras[f"{names.get(mod, mod)}.{suffix}"] = tensor
+    patches, unmatched = load_patches(keep, target.key_map) if keep else ({}, [])
+    if renamed:
+        kohya = lora_keys.to_kohya_dict(lora_state.LoraState(renamed, {}, extras, item.label))
+        more, still = load_patches(kohya, target.key_map)
+        patches.update(more)
+        unmatched += still
+    return patches, unmatched, len(renamed)
 
 
 def _block_groups(patches: dict, block_weights: dict[str, float] | None) -> dict[float, dict]:
@@ -159,22 +303,18 @@ def apply_loras(model, clip, loras: list[LoraToApply], block_weights: dict[str, 
         one ``AppliedLora`` per LoRA.
 
     Raises:
-        ValueError: a LoRA was made for another base family than the model.
+        ValueError: a damaged LoRA, one whose shapes do not fit the model, or one of which no key applies;
+            the message names the file.
     """
     new_model = model.clone() if model is not None else None
     new_clip = clip.clone() if clip is not None else None
-    key_map = key_map_for(model, clip)
+    target = _target(model, clip)
     applied = []
     for item in loras:
-        check_family(item.label, item.tensors, item.metadata, model)
-        patches, unmatched = load_patches(item.tensors, key_map)
-        report = AppliedLora(
-            item.label,
-            item.strength_model,
-            item.strength_clip if new_clip is not None else None,
-            unmatched=unmatched,
-            trigger_words=lora_metadata.trigger_words(item.metadata),
-        )
+        patches, unmatched, report = _plan(item, target)
+        report.strength_clip = item.strength_clip if new_clip is not None else None
+        report.unmatched = unmatched
+        report.trigger_words = lora_metadata.trigger_words(item.metadata)
         patched: set = set()
         for weight, group in _block_groups(patches, block_weights).items():
             if new_model is not None:
@@ -194,8 +334,18 @@ def apply_loras(model, clip, loras: list[LoraToApply], block_weights: dict[str, 
                 len(report.unmatched),
                 ", ".join(report.unmatched[:3]),
             )
+        for warning in report.warnings:
+            log.warning("LoRA '%s': %s", item.label, warning)
         applied.append(report)
     return new_model, new_clip, applied
+
+
+def _path_words(a: AppliedLora) -> str:
+    if a.path == "ComfyUI":
+        return "ComfyUI's key map"
+    if a.path == "converted":
+        return f"LoRA Workbench (all {a.converted} modules converted to names ComfyUI maps)"
+    return f"ComfyUI's key map, and LoRA Workbench for {a.converted} modules it does not map"
 
 
 def format_report(applied: list[AppliedLora], total_strength: float, warning: str | None) -> str:
@@ -207,8 +357,10 @@ def format_report(applied: list[AppliedLora], total_strength: float, warning: st
         lines.append(
             f"{i}. {a.label}: model {a.strength_model:g}, "
             f"clip {'-' if a.strength_clip is None else format(a.strength_clip, 'g')}; "
-            f"patched {a.model_keys} model and {a.clip_keys} CLIP weights"
+            f"patched {a.model_keys} model and {a.clip_keys} CLIP weights; read by {_path_words(a)}"
         )
+        for w in a.warnings:
+            lines.append(f"   WARNING: {w}")
         if a.unmatched:
             shown = ", ".join(a.unmatched[:5]) + (", ..." if len(a.unmatched) > 5 else "")
             lines.append(f"   {len(a.unmatched)} key(s) matched nothing: {shown}")

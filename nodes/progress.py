@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import comfy.model_management
@@ -31,9 +33,13 @@ class TrainingProgress:
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.started = time.monotonic()
         self.first_step: tuple[int, float] | None = None
+        self.checkpoint: tuple[str, int] | None = None  # (run folder name, step) of the last checkpoint
+        self.class_bar = None
+        self.step = 0
 
     def on_step(self, step: int, total: int, loss: float) -> None:
         """Move ComfyUI's progress bar and send step, loss, elapsed and remaining seconds to the UI."""
+        self.step = step
         self.bar.update_absolute(step, total)
         now = time.monotonic()
         elapsed = now - self.started
@@ -54,6 +60,40 @@ class TrainingProgress:
         comfy.model_management.throw_exception_if_processing_interrupted()
         return False
 
-    def done(self, steps: int, file: str | None = None) -> None:
-        """Tell the UI the run ended (and which checkpoint file holds it)."""
-        _send(DONE_EVENT, {"node": self.node_id, "file": file, "steps": steps})
+    def on_checkpoint(self, path) -> None:
+        """Remember the last checkpoint written (the UI names it when the run ends, however it ends)."""
+        # Checkpoints are written at the last step reported (on_step records it before anything can raise).
+        self.checkpoint = (os.path.basename(os.path.dirname(path)), self.step)
+
+    def on_class_images(self, done: int, total: int) -> None:
+        """Move a progress bar while class images are generated (and let Cancel stop it there)."""
+        if self.class_bar is None:
+            self.class_bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        self.class_bar.update_absolute(done, total)
+
+    @contextlib.contextmanager
+    def reporting_failures(self):
+        """Tell the UI how a run that raises ended (cancelled or failed, with its last checkpoint), then re-raise."""
+        try:
+            yield
+        except BaseException as error:
+            cancelled = isinstance(error, comfy.model_management.InterruptProcessingException)
+            run, step = self.checkpoint or (None, 0)
+            _send(
+                DONE_EVENT,
+                {
+                    "node": self.node_id,
+                    "state": "cancelled" if cancelled else "failed",
+                    "steps": step,
+                    "file": run,
+                    "message": "" if cancelled else f"{type(error).__name__}: {error}",
+                },
+            )
+            raise
+
+    def done(self, result) -> None:
+        """Tell the UI the run ended: its state ("finished", "cancelled", "already finished") and run folder."""
+        run = self.checkpoint[0] if self.checkpoint else None
+        _send(
+            DONE_EVENT, {"node": self.node_id, "state": result.stopped_reason, "steps": result.steps_done, "file": run}
+        )

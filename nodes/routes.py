@@ -1,8 +1,8 @@
 """HTTP routes under ``/lora_workbench/`` for the frontend (LoRA info: trigger words, rank, alpha...).
 
 ``register_routes(PromptServer.instance.routes)`` adds them; it is called once when the pack loads.
-The handlers only translate: files are read through ``lora.safeio`` (validated, cached by path, size
-and mtime) and summarised by ``lora.metadata``.
+The handlers only translate: a file's header is read through ``lora.safeio`` (validated; no weights
+are loaded) and summarised by ``lora.metadata``; answers never contain server paths.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import folder_paths
 from ..lora import metadata as lora_metadata
 from ..lora import safeio
 from ..lora.stack import resolve_lora_name
+from .files import resolve_lora_path
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +54,19 @@ def lora_info(name: str) -> dict:
     }
     try:
         resolved = resolve_lora_name(name, folder_paths.get_filename_list("loras"))
+        path = resolve_lora_path(resolved)
     except LookupError as e:
         out["error"] = str(e)
-        return out
-    path = folder_paths.get_full_path("loras", resolved)
-    if path is None:
-        out["error"] = f"LoRA '{name}' not found in folder 'loras'"
         return out
     out["exists"] = True
     out["resolved"] = resolved
     try:
-        # Only .safetensors: the panel never unpickles (a .ckpt named here reports the refusal).
-        tensors, md = safeio.read_safetensors(path)
-        desc = lora_metadata.describe(tensors, md)
+        # The header only (shapes, metadata) and the alpha scalars: no weights are read, no pickle is loaded
+        # (a .ckpt named here reports the refusal), and messages name the file as listed, never its server path.
+        tensors, md = safeio.read_header(path, display=resolved, load=lambda key: key.endswith(".alpha"))
+        desc = lora_metadata.describe(tensors, md, source=resolved)
     except (ValueError, OSError) as e:
-        out["error"] = str(e)
+        out["error"] = str(e).replace(path, resolved)
         return out
     out.update(
         rank=_scalar_or_list(desc.get("ranks") or []),

@@ -38,11 +38,11 @@ def parse_rows(rows: str) -> list:
 
 
 def _missing_files(stack: list[tuple[str, float, float]]) -> list[str]:
-    available = lora_names()
+    # The same resolution as execution (files.resolve_lora_path), so what passes here is what runs.
     problems = []
     for name, _, _ in stack:
         try:
-            resolve_lora_name(name, available)
+            resolve_lora_path(name)
         except LookupError as e:
             problems.append(str(e))
     return problems

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import fields
 
 import folder_paths
@@ -12,9 +11,9 @@ from comfy_api.latest import io
 
 from ..lora import keys as lora_keys
 from ..lora import metadata as lora_metadata
-from ..trainer import loop
+from ..trainer import loop, paths
 from ..trainer.config import TrainConfig
-from ..trainer.dataset import DEFAULT_TEMPLATE, DatasetOptions, load_image_folder
+from ..trainer.dataset import DEFAULT_TEMPLATE, DatasetOptions, folder_signature, load_image_folder
 from ..trainer.loss_plot import plot_losses
 from .adapter_dict import LoraTensors
 from .comfy_backend import ComfyModelApi, ldm_to_diffusers_names
@@ -22,24 +21,36 @@ from .patching import LoraToApply, apply_loras
 from .progress import TrainingProgress
 from .types import CATEGORY_TRAINING, Dataset, LoraModel
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+def data_folder(name: str, what: str) -> str:
+    """Return the absolute folder for a dataset or class-image folder name typed in a workflow.
+
+    Relative names are read inside ComfyUI's input folder; absolute ones must lie inside the input or output
+    folder, or a folder the server's owner listed in ``$LORA_WORKBENCH_DATA_ROOTS``.
+
+    Raises:
+        trainer.paths.PathNotAllowedError: the name leaves those folders.
+    """
+    return paths.resolve_data_folder(name, _data_roots(), what)
 
 
-def dataset_folder(folder: str) -> str:
-    """Return the absolute dataset folder: as given, or relative to ComfyUI's input directory."""
-    folder = folder.strip()
-    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+def _data_roots() -> dict[str, str]:
+    return {"input": folder_paths.get_input_directory(), "output": folder_paths.get_output_directory()}
+
+
+def workbench_output() -> str:
+    """Return ``<output>/lora_workbench``, where checkpoints and cached class images go."""
+    return os.path.join(folder_paths.get_output_directory(), "lora_workbench")
 
 
 def checkpoint_dir(run_name: str) -> str:
-    """Return ``<output>/lora_workbench/checkpoints/<run_name>``.
+    """Return ``<output>/lora_workbench/checkpoints/<run_name>`` (a run name may have '/'-separated parts).
 
     Raises:
-        ValueError: the run name has characters other than letters, digits, ``_ . -``.
+        ValueError: a part of the run name is empty, starts with '.', or has characters other than letters,
+            digits, ``_ . -``.
     """
-    if not RUN_NAME.match(run_name):
-        raise ValueError(f"run_name '{run_name}': use letters, digits, '_', '.' and '-' only")
-    return os.path.join(folder_paths.get_output_directory(), "lora_workbench", "checkpoints", run_name)
+    return str(paths.run_folder(os.path.join(workbench_output(), "checkpoints"), run_name))
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -110,7 +121,12 @@ class ImageFolderDatasetNode(io.ComfyNode):
             display_name="Image Folder Dataset (LoRA Workbench)",
             category=CATEGORY_TRAINING,
             inputs=[
-                io.String.Input("folder", default="", tooltip="Absolute path, or a folder inside ComfyUI's input."),
+                io.String.Input(
+                    "folder",
+                    default="",
+                    tooltip="A folder inside ComfyUI's input folder (e.g. 'my_dog'), or an absolute path inside the "
+                    "input or output folder (others only if the server allows them: LORA_WORKBENCH_DATA_ROOTS).",
+                ),
                 io.String.Input("trigger", default="sks", tooltip="The rare token that will name your subject."),
                 io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, person, style..."),
                 io.String.Input(
@@ -122,18 +138,47 @@ class ImageFolderDatasetNode(io.ComfyNode):
                 io.Boolean.Input("flip", default=False, tooltip="Random horizontal flips."),
                 io.Int.Input("repeats", default=1, min=1, max=1000),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
+                io.Boolean.Input(
+                    "recursive",
+                    default=True,
+                    optional=True,
+                    tooltip="Use images in sub-folders too. A kohya-style folder '10_sks dog' repeats its images "
+                    "10 times and captions those without a .txt file 'sks dog'. Off: sub-folders are listed in "
+                    "the report, not used.",
+                ),
             ],
             outputs=[Dataset.Output(display_name="dataset"), io.String.Output(display_name="report")],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder, **_):
+        # Images added, removed or edited in the folder must re-run the node: key on names, sizes and times.
+        try:
+            return folder_signature(data_folder(folder, "dataset folder"))
+        except ValueError:
+            return folder  # execute reports the problem
+
+    @classmethod
     def execute(
-        cls, folder, trigger, class_noun, caption_template, resolution, crop, buckets, flip, repeats, caption_dropout
+        cls,
+        folder,
+        trigger,
+        class_noun,
+        caption_template,
+        resolution,
+        crop,
+        buckets,
+        flip,
+        repeats,
+        caption_dropout,
+        recursive=True,
     ) -> io.NodeOutput:
+        recursive = True if recursive is None else recursive  # an absent optional input may arrive as None
         options = DatasetOptions(
-            trigger, class_noun, caption_template, resolution, crop, buckets, flip, repeats, caption_dropout
+            trigger, class_noun, caption_template, resolution, crop, buckets, flip, repeats, caption_dropout, recursive
         )
-        dataset = load_image_folder(dataset_folder(folder), options)
+        label = paths.display_name(folder, _data_roots())
+        dataset = load_image_folder(data_folder(folder, "dataset folder"), options, label=label)
         return io.NodeOutput(dataset, dataset.report())
 
 
@@ -155,8 +200,19 @@ class TrainLoraNode(io.ComfyNode):
                 io.Vae.Input("vae"),
                 Dataset.Input("dataset"),
                 *(_setting(name) for name in REQUIRED_SETTINGS),
-                io.String.Input("run_name", default="my_lora", tooltip="Names the checkpoint folder of this run."),
-                io.Boolean.Input("resume", default=True, tooltip="Continue from this run's checkpoint if present."),
+                io.String.Input(
+                    "run_name",
+                    default="my_lora",
+                    tooltip="Names this run's checkpoint folder in output/lora_workbench/checkpoints ('/' makes "
+                    "sub-folders; letters, digits, '_', '.', '-').",
+                ),
+                io.Boolean.Input(
+                    "resume",
+                    default=True,
+                    tooltip="Continue this run's checkpoint when it is the same run (same images, captions, base "
+                    "model and settings; steps may grow). A checkpoint of another run is renamed aside, never "
+                    "overwritten, and training starts fresh.",
+                ),
                 *(_setting(name, optional=True) for name in OPTIONAL_SETTINGS),
             ],
             outputs=[
@@ -173,20 +229,29 @@ class TrainLoraNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, run_name, resume, **settings) -> io.NodeOutput:
         config = TrainConfig(**settings)
+        run_dir = checkpoint_dir(run_name)
+        class_dir = data_folder(config.class_images_dir, "class_images_dir") if config.class_images_dir else None
         progress = TrainingProgress(cls.hidden.unique_id if cls.hidden else None, config.steps)
+        callbacks = loop.TrainCallbacks(
+            on_step=progress.on_step,
+            should_stop=progress.should_stop,
+            on_checkpoint=progress.on_checkpoint,
+            on_class_images=progress.on_class_images,
+        )
         # The executor runs nodes under torch.inference_mode; training needs autograd.
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), progress.reporting_failures():
             api = ComfyModelApi(model, clip, vae, train_text_encoder=config.train_text_encoder)
             names = ldm_to_diffusers_names(model)
             result = loop.train(
                 api,
                 dataset,
                 config,
-                loop.TrainCallbacks(on_step=progress.on_step, should_stop=progress.should_stop),
-                checkpoint_dir=checkpoint_dir(run_name),
+                callbacks,
+                checkpoint_dir=run_dir,
                 resume=resume,
-                cache_dir=os.path.join(folder_paths.get_output_directory(), "lora_workbench"),
+                cache_dir=workbench_output(),
                 unet_name_map=lambda path: names.get(path, path),
+                class_images_dir=class_dir,
             )
         state = result.state
         state.metadata.update(
@@ -196,6 +261,8 @@ class TrainLoraNode(io.ComfyNode):
                 trigger_words=[dataset.options.trigger],
                 training_settings={
                     **config.to_dict(),
+                    "class_images_dir": paths.display_name(config.class_images_dir, _data_roots()),
+                    # What was trained on, without the server's paths: the folder as the user named it.
                     "dataset": dataset.report().splitlines()[0],
                     "steps_done": result.steps_done,
                 },
@@ -204,11 +271,27 @@ class TrainLoraNode(io.ComfyNode):
         adapter = LoraTensors(lora_keys.to_kohya_dict(state), state.metadata)
         new_model, new_clip, _ = apply_loras(model, clip, [LoraToApply(run_name, adapter, state.metadata, 1.0, 1.0)])
         curve = torch.from_numpy(plot_losses(result.losses, f"{run_name} loss"))[None]
-        summary = (
-            f"{result.stopped_reason} after {result.steps_done}/{config.steps} steps in {result.seconds:.1f} s"
-            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
-            + f"; final loss {result.losses[-1]:.4f}; rank {config.rank}, alpha {config.effective_alpha:g}; "
-            f"{len(state.modules)} modules; checkpoint {result.checkpoint_path}"
-        )
-        progress.done(result.steps_done, str(result.checkpoint_path) if result.checkpoint_path else None)
+        summary = _summary(result, config, run_name, len(state.modules))
+        progress.done(result)
         return io.NodeOutput(new_model, new_clip, adapter, curve, summary, ui={"text": [summary]})
+
+
+def _summary(result: loop.TrainResult, config: TrainConfig, run_name: str, modules: int) -> str:
+    """Return the Train node's summary: how the run ended, said plainly, then its numbers."""
+    if result.stopped_reason == "already finished":
+        head = (
+            f"already finished: the checkpoint of run '{run_name}' is at step {result.steps_done} of "
+            f"{config.steps}, so nothing was trained and this is that run's LoRA (turn resume off, raise "
+            f"steps or change run_name to train again)"
+        )
+    else:
+        head = f"{result.stopped_reason} after {result.steps_done}/{config.steps} steps in {result.seconds:.1f} s" + (
+            f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+        )
+    loss = f"final loss {result.losses[-1]:.4f}" if result.losses else "no loss recorded"
+    where = f"checkpoints/{run_name}" if result.checkpoint_path else "no checkpoint"
+    notes = "".join(f"\n{note}" for note in result.notes)
+    return (
+        f"{head}; {loss}; rank {config.rank}, alpha {config.effective_alpha:g}; {modules} modules; "
+        f"checkpoint {where}{notes}"
+    )

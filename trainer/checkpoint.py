@@ -68,6 +68,24 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     return index
 
 
+def read_index(folder: str | Path) -> dict:
+    """Return the JSON index of the checkpoint in ``folder`` (step, tensor file name, state).
+
+    Raises:
+        ValueError: the index is missing, not valid JSON, or lacks ``step`` and ``tensors``.
+    """
+    index = Path(folder) / INDEX
+    try:
+        state = json.loads(index.read_text())
+        Path(state["tensors"])
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {index} is not a valid checkpoint index: {e!r}") from None
+    if not isinstance(state, dict) or "/" in state["tensors"] or "\\" in state["tensors"]:
+        raise ValueError(f"checkpoint {index} is not a valid checkpoint index")
+    return state
+
+
 def load_checkpoint(folder: str | Path) -> tuple[int, dict[str, torch.Tensor], dict] | None:
     """Return ``(step, tensors, state)`` of the checkpoint in ``folder``, or None when there is none.
 
@@ -78,12 +96,8 @@ def load_checkpoint(folder: str | Path) -> tuple[int, dict[str, torch.Tensor], d
     index = Path(folder) / INDEX
     if not index.is_file():
         return None
-    try:
-        state = json.loads(index.read_text())
-        tensor_file = Path(folder) / state["tensors"]
-        int(state["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {index} is not a valid checkpoint index: {e!r}") from None
+    state = read_index(folder)
+    tensor_file = Path(folder) / state["tensors"]
     try:
         tensors = load_file(str(tensor_file))
     except (OSError, RuntimeError) as e:

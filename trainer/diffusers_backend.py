@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
+
+from . import run_record
 
 
 @dataclass
@@ -93,13 +94,14 @@ class DiffusersModelApi:
         images = self.vae.decode(latents / self._scale).sample
         return ((images + 1) / 2).clamp(0, 1).float()
 
-    def fingerprint(self) -> str:
-        """Return a short hash of every UNet and text-encoder parameter's sum (keys the class-image cache).
+    def identity(self) -> dict[str, str]:
+        """Return digests of the UNet, text encoder and VAE weights (see ``run_record.weights_digest``)."""
+        return {
+            "unet": run_record.weights_digest(self.unet),
+            "text_encoder": run_record.weights_digest(self.text_encoder),
+            "vae": run_record.weights_digest(self.vae),
+        }
 
-        Sums rather than full bytes: cheap on a GPU, and any real change of weights changes some sum.
-        """
-        digest = hashlib.sha256()
-        for module in (self.unet, self.text_encoder):
-            for name, p in module.named_parameters():
-                digest.update(f"{name}:{float(p.detach().double().sum()):.10e};".encode())
-        return digest.hexdigest()[:16]
+    def fingerprint(self) -> str:
+        """Return one short string for ``identity()`` (keys the class-image cache)."""
+        return run_record.combined(self.identity())

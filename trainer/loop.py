@@ -26,9 +26,9 @@ import torch
 
 from ..lora.state import LoraState
 from . import checkpoint as ckpt
-from . import inject, objective
+from . import inject, objective, run_record
 from .config import TrainConfig
-from .dataset import ImageDataset
+from .dataset import ImageDataset, crop_window
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,16 @@ class TrainCallbacks:
     """Hooks the caller gives the loop (all optional).
 
     ``on_step(step, total, loss)`` after each optimizer step; ``should_stop()`` after each step: True stops
-    cleanly (a checkpoint is written first), and an exception it raises (ComfyUI's Cancel) propagates after
-    the checkpoint is written; ``on_checkpoint(path)`` after each checkpoint.
+    cleanly (a checkpoint is written first). An exception raised by any callback (ComfyUI's Cancel, raised
+    by the server's progress hook inside ``on_step``) or by the model propagates after the last completed
+    step's checkpoint is written. ``on_checkpoint(path)`` after each checkpoint;
+    ``on_class_images(done, total)`` while class images are generated.
     """
 
     on_step: Callable[[int, int, float], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_checkpoint: Callable[[Path], None] | None = None
+    on_class_images: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -62,16 +65,21 @@ class TrainResult:
     state: LoraState
     losses: list[float]
     steps_done: int
-    stopped_reason: str  # "finished" or "cancelled"
+    stopped_reason: str  # "finished", "cancelled" or "already finished" (resumed at or past the last step)
     checkpoint_path: Path | None = None
     resumed_from: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
-def _seeded(seed: int, *parts) -> torch.Generator:
+def _seed_of(seed: int, *parts) -> int:
+    """Return a 63-bit seed derived from ``seed`` and ``parts`` (any seed the widget allows stays in range)."""
     digest = hashlib.sha256(":".join(str(p) for p in (seed, *parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _seeded(seed: int, *parts) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed_of(seed, *parts))
 
 
 def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -195,6 +203,7 @@ def train(
     cache_dir: str | Path | None = None,
     unet_name_map: Callable[[str], str] | dict[str, str] | None = None,
     keep_layers: bool = False,
+    class_images_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a DreamBooth LoRA on ``dataset`` and return it.
 
@@ -206,23 +215,30 @@ def train(
         config: the settings; validated first.
         callbacks: progress, Cancel and checkpoint hooks.
         checkpoint_dir: where checkpoints go; None falls back to ``config.checkpoint_dir``; empty disables them.
-        resume: continue from the checkpoint in the checkpoint folder when there is one.
+        resume: continue from the checkpoint in the checkpoint folder when it belongs to this run (same dataset
+            content, base model and result-changing settings; see ``run_record``). A checkpoint of another run,
+            or any checkpoint when ``resume`` is off, is renamed aside (kept, never overwritten) and training
+            starts fresh; ``TrainResult.notes`` says why.
         cache_dir: where generated class images are cached (None: not cached).
         unet_name_map: translates UNet module paths for the exported kohya names (a function or a dict).
         keep_layers: leave the trained LoRA layers in the modules (to evaluate them; call
             ``inject.remove_adapter`` on ``unet`` and ``text_encoder`` afterwards).
+        class_images_dir: the folder to read class images from, replacing ``config.class_images_dir`` (which
+            then only names it in records): callers resolve user-given names to allowed folders.
 
     Returns:
-        A ``TrainResult``: ``stopped_reason`` is "finished" or "cancelled" (``should_stop`` returned True), the
-        state holds kohya-named modules with the configured alpha, ``losses`` one value per step since step 0
-        (including the steps before a resume).
+        A ``TrainResult``: ``stopped_reason`` is "finished", "cancelled" (``should_stop`` returned True) or
+        "already finished" (the checkpoint had reached ``steps``: nothing was trained), the state holds
+        kohya-named modules with the configured alpha, ``losses`` one value per step since step 0 (including
+        the steps before a resume).
 
     Raises:
         ValueError: invalid settings (field and value named), a rank above a layer's size, a text encoder
-            requested but absent, or a checkpoint made with other adapter settings.
+            requested but absent, or an unreadable checkpoint.
         trainer.dataset.DatasetError: a class-image folder without usable images.
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
-        Exception: whatever ``should_stop`` raised, after a checkpoint is written.
+        BaseException: whatever a callback or the model raised (Cancel, out of memory, Ctrl-C), after the last
+            completed step's checkpoint is written.
     """
     config.validate()
     callbacks = callbacks or TrainCallbacks()
@@ -234,6 +250,12 @@ def train(
     if config.train_text_encoder and te is None:
         raise ValueError("TrainConfig.train_text_encoder = True, but the model gives no text encoder to train")
 
+    identity = model_api.identity() if hasattr(model_api, "identity") else {"model": model_api.fingerprint()}
+    record = run_record.make_record(config.to_dict(), dataset.identity(), identity)
+    notes: list[str] = []
+    if checkpoint_dir:
+        resume = _plan_resume(Path(checkpoint_dir), resume, record, notes)
+
     # Class images come from the frozen base model, so they are made before any LoRA layer exists.
     class_pixels = None
     if config.prior_preservation:
@@ -244,7 +266,9 @@ def train(
             config.seed,
             dataset.options.resolution,
             cache_dir,
-            config.class_images_dir or None,
+            class_images_dir or config.class_images_dir or None,
+            progress=callbacks.on_class_images,
+            fingerprint=run_record.combined(identity),
         )
 
     modules = [m for m in (model_api.unet, te) if m is not None]
@@ -269,9 +293,13 @@ def train(
                 )
             if config.gradient_checkpointing:
                 undo_checkpointing = _enable_gradient_checkpointing(model_api.unet)
-            return _Run(
+            run = _Run(
                 model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels, unet_name_map, started
-            ).run(resume)
+            )
+            run.record = record
+            result = run.run(resume)
+            result.notes = notes + result.notes
+            return result
         finally:
             if undo_checkpointing is not None:
                 undo_checkpointing()
@@ -284,8 +312,33 @@ def train(
             np.random.set_state(np_state)
 
 
+def _plan_resume(folder: Path, resume: bool, record: dict, notes: list[str]) -> bool:
+    """Return whether to resume from ``folder``'s checkpoint; set a checkpoint of another run (or any, when
+    ``resume`` is off) aside, and say so in ``notes`` (an unreadable checkpoint, too).
+    """
+    if not (folder / ckpt.INDEX).is_file():
+        return False
+    try:
+        saved = ckpt.read_index(folder)
+        why = ["resume is off"] if not resume else run_record.differences(saved.get("run"), record)
+    except ValueError as e:
+        saved, why = {"step": 0}, [f"its index cannot be read: {e}"]
+    if not why:
+        return True
+    kept = run_record.set_aside(folder, int(saved.get("step", 0)))
+    notes.append(
+        f"started fresh: the checkpoint in '{folder.name}' (step {saved.get('step')}) is for another run ("
+        + "; ".join(why)
+        + f"); it is kept in '{kept.name}'"
+    )
+    log.warning("%s", notes[-1])
+    return False
+
+
 class _Run:
     """The state of one training run between injection and removal (kept together so checkpoints see it all)."""
+
+    record: dict | None = None
 
     def __init__(
         self, model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels, unet_name_map, started
@@ -308,11 +361,12 @@ class _Run:
         self.last_checkpoint_step = 0
         self.caption_dropout = config.caption_dropout or dataset.options.caption_dropout
 
-        # Encode every image (and its mirror when flipping) once: the VAE is frozen.
+        # Encode every image (and its mirror when flipping) once: the VAE is frozen. Random crops are cut
+        # from the latents of the whole resized image, one latent pixel (8 image pixels) at a time.
         with torch.no_grad():
-            self.latents = [model_api.encode_images(e.pixels[None]) for e in dataset.examples]
+            self.latents = [model_api.encode_images(e.full_pixels[None]) for e in dataset.examples]
             self.flipped = (
-                [model_api.encode_images(e.pixels.flip(-1)[None]) for e in dataset.examples]
+                [model_api.encode_images(e.full_pixels.flip(-1)[None]) for e in dataset.examples]
                 if dataset.options.flip
                 else self.latents
             )
@@ -321,7 +375,7 @@ class _Run:
         if class_pixels is not None:
             # One set of class latents per image size (aspect buckets), so they join the instance batch.
             with torch.no_grad():
-                for h, w in sorted({tuple(e.pixels.shape[-2:]) for e in dataset.examples}):
+                for h, w in sorted({e.size for e in dataset.examples}):
                     fitted = objective.fit_images(class_pixels, h, w)
                     self.class_latents[(h, w)] = torch.cat(
                         [model_api.encode_images(fitted[i : i + 4]) for i in range(0, len(fitted), 4)]
@@ -349,6 +403,7 @@ class _Run:
         tensors.update(rng_tensors)
         state = {
             "config": self.config.to_dict(),
+            "run": self.record,
             "adapter": _adapter_shape(self.config),
             "optimizer": opt_json,
             "scheduler": self.scheduler.state_dict(),
@@ -368,15 +423,6 @@ class _Run:
             return 0
         step, tensors, state = loaded
         index = Path(self.checkpoint_dir) / ckpt.INDEX
-        # Checkpoints from before "adapter" was recorded hold the config only: compare what it can tell.
-        saved = state.get("adapter") or {"rank": state.get("config", {}).get("rank")}
-        wanted = {k: v for k, v in _adapter_shape(self.config).items() if k in saved}
-        for key, value in wanted.items():
-            if saved.get(key) != value:
-                raise ValueError(
-                    f"checkpoint {index} was trained with {key} = {saved.get(key)!r}, not {value!r}; "
-                    "use the same settings, another checkpoint folder, or resume off"
-                )
         with torch.no_grad():
             for prefix, module in (("unet.", self.unet), ("te.", self.te)):
                 if module is None:
@@ -395,6 +441,16 @@ class _Run:
         log.info("resumed from %s at step %d", index, step)
         return step
 
+    def latent_of(self, item) -> torch.Tensor:
+        """Return the latents ``(1, C, h, w)`` of one batch item: mirrored as drawn, cropped where drawn."""
+        latents = (self.flipped if item.flip else self.latents)[item.index]
+        example = self.dataset.examples[item.index]
+        factor = example.data.shape[-1] / latents.shape[-1]  # the VAE's downscale (8 for SD, SDXL, Flux)
+        h, w = round(example.size[0] / factor), round(example.size[1] / factor)
+        top = crop_window(latents.shape[-2] - h, item.crop[0])
+        left = crop_window(latents.shape[-1] - w, item.crop[1])
+        return latents[..., top : top + h, left : left + w]
+
     def micro_step(self, step: int, micro: int) -> torch.Tensor:
         """Return the loss of one forward pass (instance + class examples in one batch)."""
         config = self.config
@@ -404,8 +460,8 @@ class _Run:
             step * config.grad_accumulation + micro,
             caption_dropout=self.caption_dropout,
         )
-        x0 = torch.cat([(self.flipped if flip else self.latents)[i] for i, flip, _ in batch]).to(self.device)
-        prompts = ["" if drop else self.dataset.examples[i].caption for i, _, drop in batch]
+        x0 = torch.cat([self.latent_of(item) for item in batch]).to(self.device)
+        prompts = ["" if item.drop_caption else self.dataset.examples[item.index].caption for item in batch]
         gen = _seeded(config.seed, step, micro)
         n_instance = x0.shape[0]
         with _autocast(self.dtype, self.device):
@@ -413,8 +469,7 @@ class _Run:
             if self.class_latents:
                 # One forward pass over instance + class examples "to avoid doing two forward passes", as
                 # diffusers' DreamBooth script puts it; the loss is split again in dreambooth_loss.
-                pixels = self.dataset.examples[batch[0][0]].pixels
-                pool = self.class_latents[tuple(pixels.shape[-2:])]
+                pool = self.class_latents[self.dataset.examples[batch[0].index].size]
                 pick = torch.randint(0, pool.shape[0], (n_instance,), generator=gen)
                 x0 = torch.cat([x0, pool[pick].to(self.device)])
                 class_cond = self.cond_for([self.class_prompt])
@@ -426,23 +481,56 @@ class _Run:
         return loss
 
     def run(self, resume: bool) -> TrainResult:
-        config, callbacks = self.config, self.callbacks
+        config = self.config
         start = self.load_checkpoint() if (self.checkpoint_dir and resume) else 0
         self.resumed_from = start
         if start >= config.steps:
             log.info("checkpoint already at step %d of %d: nothing to train", start, config.steps)
-            return self.result(start, "finished")
+            return self.result(start, "already finished")
         self.unet.train()
         if self.te is not None:
             self.te.train()
+        self.done, self.updating = start, False
+        try:
+            return self.steps(start)
+        except NonFiniteLossError:
+            raise  # the state that produced it is no good checkpoint: the last one is kept as it is
+        except BaseException as error:
+            self.save_before_failure(error)
+            raise
+
+    def save_before_failure(self, error: BaseException) -> None:
+        """Write the last completed step's checkpoint before ``error`` propagates (Cancel, out of memory, ...)."""
+        if not self.checkpoint_dir or self.done <= self.last_checkpoint_step:
+            return
+        if self.updating:
+            # Parameters may be half-updated: the last checkpoint is the last consistent state.
+            log.error(
+                "training failed during an optimizer update; the last checkpoint (step %d) is kept",
+                self.last_checkpoint_step,
+            )
+            return
+        try:
+            self.write_checkpoint(self.done)
+            log.warning(
+                "training stopped at step %d (%s); checkpoint written to %s",
+                self.done,
+                type(error).__name__,
+                self.last_checkpoint,
+            )
+        except Exception as write_error:  # the original error is the one to report
+            log.error("could not write the checkpoint of step %d: %s", self.done, write_error)
+
+    def steps(self, start: int) -> TrainResult:
+        """Run steps ``start`` .. ``config.steps``; return the result (finished, or cancelled by ``should_stop``)."""
+        config, callbacks = self.config, self.callbacks
         for step in range(start, config.steps):
-            torch.manual_seed(config.seed * 1_000_003 + step)  # LoRA dropout, reproducible per step
+            torch.manual_seed(_seed_of(config.seed, "dropout", step))  # LoRA dropout, reproducible per step
             total = 0.0
             for micro in range(config.grad_accumulation):
                 loss = self.micro_step(step, micro)
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    # Nothing is written: the state that produced a non-finite loss is not a good checkpoint.
                     self.optimizer.zero_grad(set_to_none=True)
                     good = self.last_checkpoint_step
                     kept = (
@@ -457,6 +545,7 @@ class _Run:
                 scaled = loss / config.grad_accumulation
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 total += value / config.grad_accumulation
+            self.updating = True
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if config.max_grad_norm:
@@ -469,19 +558,13 @@ class _Run:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.losses.append(total)
-            done = step + 1
+            self.done, self.updating = step + 1, False
+            done = self.done
             if callbacks.on_step:
                 callbacks.on_step(done, config.steps, total)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 self.write_checkpoint(done)
-            try:
-                stop = bool(callbacks.should_stop and callbacks.should_stop())
-            except BaseException:
-                # ComfyUI's Cancel raises here: keep the work done so far, then let the exception through.
-                if self.last_checkpoint_step != done:
-                    self.write_checkpoint(done)
-                raise
-            if stop:
+            if callbacks.should_stop and callbacks.should_stop():
                 if self.last_checkpoint_step != done:
                     self.write_checkpoint(done)
                 return self.result(done, "cancelled" if done < config.steps else "finished")

@@ -26,7 +26,7 @@ class ModelApi(Protocol):
     ``encode_prompts`` must run those very module objects (not copies made earlier): that is how the LoRA takes
     effect. The loop removes the layers again and restores the modules' flags afterwards; an implementation
     that must not let training touch a shared model (ComfyUI's MODEL) hands the loop copies here.
-    ``generate`` and ``fingerprint`` are called before injection, on the frozen base.
+    ``generate``, ``identity`` and ``fingerprint`` are called before injection, on the frozen base.
 
     Attributes:
         unet: the denoiser module LoRA layers are injected into. Its attention projections are named
@@ -70,5 +70,11 @@ class ModelApi(Protocol):
         Used for DreamBooth class images; the same arguments must give the same images (seeded sampler).
         """
 
+    def identity(self) -> dict[str, str]:
+        """Return ``{part: digest}`` identifying the base model (UNet, text encoder with its clip skip, VAE).
+
+        Recorded in checkpoints: a run resumes only on the model it was trained on.
+        """
+
     def fingerprint(self) -> str:
-        """Return a short string identifying the base model's weights (keys the class-image cache)."""
+        """Return one short string for ``identity()`` (keys the class-image cache)."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,9 @@ def dreambooth_loss(
     return instance + prior_loss_weight * prior, instance, prior
 
 
+CLASS_IMAGE_CHUNK = 4  # images sampled per call: memory stays that of a batch of 4, whatever the count
+
+
 def class_images(
     model_api,
     prompt: str,
@@ -125,14 +129,19 @@ def class_images(
     size: int,
     cache_dir: str | Path | None = None,
     folder: str | Path | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    fingerprint: str | None = None,
 ) -> torch.Tensor:
     """Return DreamBooth class images ``(N, 3, size, size)`` in [0, 1] (CPU, float32).
 
     From ``folder`` when given (its first ``count`` usable images, resized and center-cropped). Otherwise generated
-    by ``model_api.generate`` (call this before injecting LoRA layers: the class images must come from the frozen
-    base model) and, with ``cache_dir``, cached as PNG under ``cache_dir/class_images/<key>/`` where the key covers
-    the prompt, count, seed, size and ``model_api.fingerprint()``; a later run with the same key reuses them. The
-    cache is complete only once its ``done.json`` marker exists (written last), so an interrupted write is redone.
+    by ``model_api.generate`` in chunks of ``CLASS_IMAGE_CHUNK`` (call this before injecting LoRA layers: the class
+    images must come from the frozen base model), each chunk seeded from ``(seed, chunk)``, with
+    ``progress(done, count)`` after each chunk. With ``cache_dir`` they are cached as PNG under
+    ``cache_dir/class_images/<key>/``, where the key covers the prompt, count, seed, size and the model
+    (``fingerprint``, default ``model_api.fingerprint()``: UNet, text encoder and VAE); every file is written
+    atomically, so an interrupted generation resumes at the first incomplete chunk.
 
     Raises:
         trainer.dataset.DatasetError: ``folder`` is missing or holds no usable image.
@@ -140,26 +149,34 @@ def class_images(
     if folder:
         from .dataset import load_class_images
 
-        return torch.stack(load_class_images(folder, size, count, seed))
-    key = hashlib.sha256(f"{prompt}|{count}|{seed}|{size}|{model_api.fingerprint()}".encode()).hexdigest()[:16]
+        return torch.stack(load_class_images(folder, size, count))
+    model = fingerprint or model_api.fingerprint()
+    key = hashlib.sha256(f"{prompt}|{count}|{seed}|{size}|{model}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) / "class_images" / key if cache_dir else None
-    if cache is not None and (cache / "done.json").is_file():
-        files = [cache / f"{i:04d}.png" for i in range(count)]
-        if all(f.is_file() for f in files):
-            log.info("reusing %d cached class images from %s", count, cache)
-            return torch.stack([_read_png(f) for f in files])
-    images = model_api.generate(prompt, count, seed, size).detach().float().cpu().clamp(0, 1)
-    if cache is None:
-        return images
-    cache.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        tmp = cache / f".{i:04d}.png.tmp"
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, cache / f"{i:04d}.png")
-    (cache / "done.json").write_text(json.dumps({"prompt": prompt, "count": count, "seed": seed, "size": size}))
-    # Read back what was written so a first run trains on exactly the pixels later runs will reuse (8-bit).
-    return torch.stack([_read_png(cache / f"{i:04d}.png") for i in range(count)])
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    images = []
+    for start in range(0, count, CLASS_IMAGE_CHUNK):
+        n = min(CLASS_IMAGE_CHUNK, count - start)
+        files = [cache / f"{i:04d}.png" for i in range(start, start + n)] if cache is not None else []
+        if files and all(f.is_file() for f in files):
+            images += [_read_png(f) for f in files]
+        else:
+            chunk_seed = int(hashlib.sha256(f"{seed}:{start}".encode()).hexdigest()[:15], 16)
+            chunk = model_api.generate(prompt, n, chunk_seed, size).detach().float().cpu().clamp(0, 1)
+            for img, path in zip(chunk, files):
+                arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                tmp = path.with_name(f".{path.name}.tmp")
+                Image.fromarray(arr).save(tmp, format="PNG")
+                os.replace(tmp, path)
+            # Read back what was written so a first run trains on exactly the pixels later runs reuse (8-bit).
+            images += [_read_png(f) for f in files] if files else list(chunk)
+        if progress is not None:
+            progress(start + n, count)
+    if cache is not None:
+        (cache / "about.json").write_text(json.dumps({"prompt": prompt, "count": count, "seed": seed, "size": size}))
+        log.info("%d class images in %s", count, cache)
+    return torch.stack(images)
 
 
 def _read_png(path: Path) -> torch.Tensor:

@@ -202,7 +202,18 @@ export function reduceProgress(state, event) {
     };
   }
   if (event.type === "done") {
-    return { ...s, status: "done", step: Number(d.steps) || s.step, eta: 0, file: d.file ?? null };
+    // How the run ended, as the server says: finished, cancelled, already finished, failed (older servers: none).
+    const outcome = d.state ?? "finished";
+    const steps = Number(d.steps);
+    return {
+      ...s,
+      status: "done",
+      outcome,
+      message: d.message ?? "",
+      step: Number.isFinite(steps) && (steps > 0 || outcome !== "finished") ? steps : s.step,
+      eta: 0,
+      file: d.file ?? null,
+    };
   }
   return s;
 }

@@ -37,13 +37,16 @@ CHROMIUM_FLAGS = [
 ]
 # The frontend's own console noise: optional files a fresh install does not have (404s), and its
 # look-ups of node packs on api.comfy.org, which the server's Content-Security-Policy blocks (so no
-# request leaves the machine).
+# request leaves the machine). Frontend 1.49 also logs "graph accessed before initialization" on
+# every page load: its app-mode store reads `app.rootGraph` before the graph exists (the pack's js
+# never reads `rootGraph`).
 HARMLESS_CONSOLE = (
     "user.css",
     "comfy.templates.json",
     "Failed to load resource",
     "favicon",
     "https://api.comfy.org/",
+    "ComfyApp graph accessed before initialization",
 )
 # Frontend 1.32's render-mode setting handler reads the definition of a setting not yet registered
 # while the page loads (useRenderModeSetting -> settingStore onChange: `setting.id` of undefined).
@@ -193,10 +196,21 @@ class ComfyPage:
         page = self.page
         page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
         page.goto(self.url)
+        self.wait_loaded()
+
+    def wait_loaded(self) -> None:
+        """Wait until the page (after a load or reload) has our extensions and has opened its workflow.
+
+        After a reload the frontend reopens the last active workflow tab by itself; frontend 1.49 does
+        that a moment after the graph and the extensions exist, and a graph loaded before then is
+        replaced by it. The workflow store's active workflow is set once that is done (1.32 and 1.49).
+        """
+        page = self.page
         page.wait_for_function("() => window.app && window.app.graph && document.querySelector('#graph-canvas')")
         page.wait_for_function(
             "() => window.app.extensions && window.app.extensions.some(e => e.name === 'LoraWorkbench.Stack')"
         )
+        page.wait_for_function("() => window.app.extensionManager?.workflow?.activeWorkflow?.isLoaded")
 
     def js(self, expr: str, arg=None):
         return self.page.evaluate(expr, arg)
@@ -209,7 +223,11 @@ class ComfyPage:
         self.page.wait_for_timeout(300)
 
     def clear(self) -> None:
-        self.js("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+        """Empty the graph and put the view back at scale 1, origin in the corner (tests move it)."""
+        self.js(
+            "() => { app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
+            " app.canvas.setDirty(true, true); }"
+        )
 
     def screenshot(self, name: str) -> Path:
         path = self.artifacts / f"{name}.png"

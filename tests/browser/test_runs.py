@@ -26,9 +26,11 @@ RUN = "[data-testid=queue-button]"
 
 # examples/train_then_stack.json cut down to its training part: checkpoint (1), dataset (2),
 # Train (3) and the SaveImage of its loss curve (12). The Train node's widgets are then set
-# through the widgets, as a user would.
+# through the widgets, as a user would. Ids are compared as text: a loaded node's id is a number in
+# frontend 1.32 and a string in 1.49 (both save numbers, and getNodeById takes either).
 PRUNE_EXAMPLE = """([keep, steps, seed, runName]) => {
-  for (const n of [...app.graph._nodes]) if (!keep.includes(n.id)) app.graph.remove(n);
+  const kept = new Set(keep.map(String));
+  for (const n of [...app.graph.nodes]) if (!kept.has(String(n.id))) app.graph.remove(n);
   const train = app.graph.getNodeById(3);
   const set = (name, value) => {
     const w = train.widgets.find(w => w.name === name);
@@ -40,7 +42,7 @@ PRUNE_EXAMPLE = """([keep, steps, seed, runName]) => {
   app.canvas.ds.scale = 1;
   app.canvas.ds.offset = [-600, -420];  // the progress view at the node's foot in sight
   app.canvas.setDirty(true, true);
-  return app.graph._nodes.map(n => n.type).sort();
+  return app.graph.nodes.map(n => n.type).sort();
 }"""
 
 # The Train node's progress view as the page shows it: status, step (dataset and text), points in
@@ -124,7 +126,7 @@ def test_live_training_progress(ui, node_types):
     assert done["step"] == TRAIN_STEPS and done["stepText"] == f"Step {TRAIN_STEPS}/{TRAIN_STEPS}", done
     assert done["points"] == TRAIN_STEPS and done["pixels"] >= second["pixels"], done
     assert done["eta"] == "Remaining 0:00", done
-    assert done["file"].startswith("Saved ") and f"browser_live_{renderer}" in done["file"], done
+    assert done["file"].startswith("Finished: run ") and f"browser_live_{renderer}" in done["file"], done
     # The run itself: the loss-curve image reached its SaveImage, and the prompt succeeded.
     page.wait_for_function("() => app.nodeOutputs?.['12']?.images?.length > 0", timeout=30_000, polling=100)
     history = page.evaluate("async () => (await fetch('/history?max_items=1')).json()")
@@ -250,3 +252,62 @@ def test_ui_saved_workflow_runs_the_same_headless(ui, fixtures_info, comfy_base,
     diff = np.abs(ui_pixels.astype(int) - cli_pixels.astype(int))
     assert diff.max() == 0, f"{int((diff > 0).any(axis=2).sum())} pixels differ, max difference {diff.max()}"
     assert ui.our_errors() == []
+
+
+def test_new_train_node_seed_starts_fixed(ui, node_types):
+    """ComfyUI gives an INT named seed a "randomize" control; ours starts "fixed" (no new run at every queue)."""
+    values = ui.js(
+        """() => {
+      const node = LiteGraph.createNode('LoraWorkbenchTrain');
+      app.graph.add(node);
+      const seed = node.widgets.find(w => w.name === 'seed');
+      const controls = (seed.linkedWidgets ?? []).map(w => w.value);
+      const sampler = LiteGraph.createNode('KSampler');
+      app.graph.add(sampler);
+      const samplerSeed = sampler.widgets.find(w => w.name === 'seed');
+      return {ours: controls, ksampler: (samplerSeed.linkedWidgets ?? []).map(w => w.value)};
+    }"""
+    )
+    assert values["ours"] == ["fixed"], values
+    assert values["ksampler"] == ["randomize"], f"ComfyUI's own default, for contrast: {values}"
+
+
+def test_cancel_in_the_browser_keeps_the_cancel_step_and_resumes(ui, node_types, comfy_base):
+    """Queue, Cancel mid-run (the request the Cancel button sends), find the checkpoint at the step the view
+    shows, then queue again with resume on: it continues from there to the end."""
+    page = ui.page
+    workflow = json.loads(EXAMPLE.read_text())
+    workflow["id"] = "b3d5c0de-0000-4000-8000-000000000014"
+    ui.js("async (g) => { await app.loadGraphData(g); }", workflow)
+    ui.js(PRUNE_EXAMPLE, [[1, 2, 3, 12], 400, 101, "browser_cancel"])
+    ui.js("() => { const w = app.graph.getNodeById(3).widgets.find(w => w.name === 'resume'); w.value = true; }")
+    checkpoint = comfy_base / "output" / "lora_workbench" / "checkpoints" / "browser_cancel" / "checkpoint.json"
+    page.locator(RUN).first.click()
+    page.wait_for_function(
+        f"() => {{ const s = ({VIEW_STEP})(); return s && s.step >= 3; }}", timeout=120_000, polling=50
+    )
+    page.evaluate("async () => { await fetch('/interrupt', {method: 'POST'}); }")
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=lw-train-progress]')?.dataset.status === 'done'",
+        timeout=60_000,
+        polling=100,
+    )
+    cancelled = ui.js(SAMPLE)
+    ui.screenshot("train-cancelled")
+    assert cancelled["file"].startswith("Cancelled at step "), cancelled
+    step = json.loads(checkpoint.read_text())["step"]
+    assert 3 <= step < 400 and f"Cancelled at step {step} " in cancelled["file"], (step, cancelled)
+
+    ui.js("(n) => { app.graph.getNodeById(3).widgets.find(w => w.name === 'steps').value = n; }", step + 2)
+    page.locator(RUN).first.click()
+    page.wait_for_function(
+        "() => { const r = document.querySelector('[data-testid=lw-train-progress]');"
+        " return r?.dataset.status === 'done' && r.textContent.includes('Finished'); }",
+        timeout=120_000,
+        polling=100,
+    )
+    history = page.evaluate("async () => (await fetch('/history?max_items=1')).json()")
+    (entry,) = history.values()
+    summary = entry["outputs"]["3"]["text"][0]
+    assert summary.startswith(f"finished after {step + 2}/{step + 2} steps") and f"resumed at step {step}" in summary
+    assert json.loads(checkpoint.read_text())["step"] == step + 2

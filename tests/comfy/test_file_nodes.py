@@ -16,7 +16,7 @@ from graphs import SAMPLER
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_workbench.headless import runner
+from lora_workbench.headless import comfy_compat, runner
 from lora_workbench.headless.example_loras import random_lora_tensors, write_example_lora
 from lora_workbench.headless.tiny_model import UNET_CONFIG
 from lora_workbench.lora import keys as lora_keys
@@ -253,9 +253,12 @@ def test_save_refuses_names_outside_the_loras_folder(comfy, loras_dir, files, fi
 
 
 def test_core_lora_model_loader_equals_apply_with_clip_strength_zero(comfy, ckpt_name, files, caplog):
+    # Newer ComfyUI (0.33) has a required `bypass` input; off is the patching the test compares with.
+    bypass = {"bypass": False} if "bypass" in comfy_compat.input_names(comfy.node_classes["LoraModelLoader"]) else {}
+
     def core_model_loader(g, b, model, clip):
         load = g.node("LoraWorkbenchLoad", id=f"{b}_load", lora_name=files["a"])
-        node = g.node("LoraModelLoader", id=f"{b}_core", model=model, lora=load.out(0), strength_model=0.7)
+        node = g.node("LoraModelLoader", id=f"{b}_core", model=model, lora=load.out(0), strength_model=0.7, **bypass)
         return node.out(0), clip
 
     prompt = branches(

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from test_file_nodes import branches, latents
 
 from lora_workbench.headless import runner
-from lora_workbench.headless.example_loras import random_lora_tensors, write_example_lora
+from lora_workbench.headless.example_loras import write_example_lora
 from lora_workbench.lora import keys as lora_keys
 
 pytestmark = pytest.mark.slow
@@ -51,10 +51,11 @@ def names(comfy, loras_dir) -> dict[str, str]:
     for key, seed, rank in (("a", 201, 8), ("b", 202, 8), ("c", 203, 8), ("r16", 204, 16)):
         write_example_lora(folder / f"{key}.safetensors", seed=seed, rank=rank, trigger=f"tok_{key}")
         out[key] = f"{SUB}/{key}.safetensors"
+    # SDXL-shaped (cross-attention context 2048): the family comes from the shapes, not the metadata.
+    xl = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
     save_file(
-        random_lora_tensors(205, 8),
+        {f"{xl}.lora_down.weight": torch.randn(8, 2048), f"{xl}.lora_up.weight": torch.randn(640, 8)},
         str(folder / "xl.safetensors"),
-        metadata={"ss_base_model_version": "sdxl_base_v1-0"},
     )
     out["xl"] = f"{SUB}/xl.safetensors"
     return out

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from lora_workbench.headless import examples
 from lora_workbench.headless.runner import WorkflowError
+from lora_workbench.trainer.loss_plot import MARGIN
 
 pytestmark = pytest.mark.slow
 PROMPT = "a photo of sks toy"
@@ -57,8 +58,16 @@ def test_trained_adapter_file_and_model_agree_with_core_lora_loader(assets, run,
     from_apply = result.output("b_sampler")["samples"]
     summary, curve, saved_path = result.output("train", 4), result.output("train", 3), result.output("s", 0)
     assert "finished after 8/8 steps" in summary, summary
-    assert curve.shape[-1] == 3 and curve.min() < 0.5, "the loss curve image should have a drawn line"
+    # The moving average is drawn in blue (20, 60, 200) inside the plot box; the title and axes are black/grey.
+    box = curve[0, MARGIN + 2 : -MARGIN - 2, MARGIN + 2 : -10]
+    blue = (box[..., 2] > 0.6) & (box[..., 0] < 0.25) & (box[..., 1] < 0.4)
+    assert curve.shape[-1] == 3 and int(blue.sum()) > 50, "the loss curve image should have a drawn line"
+    adapter = result.output("train", 2)
+    ups = [v for k, v in adapter.items() if k.endswith("lora_up.weight")]
+    assert ups and all(float(v.abs().max()) > 0 for v in ups), "a trained adapter, not the zero-initialised one"
     assert torch.equal(from_apply, from_train_model)
+    base_run = run(txt2img(ckpt_name, text=PROMPT)[0])
+    assert not torch.equal(base_run.output("sampler")["samples"], from_train_model), "the LoRA changes the image"
 
     assert saved_path.endswith("trained/agree.safetensors")
     with safe_open(saved_path, "pt") as f:
@@ -113,11 +122,14 @@ def test_cancel_keeps_a_checkpoint_and_resume_continues(assets, run, ckpt_name):
     assert f"resumed at step {stopped_at}" in summary and f"finished after {stopped_at + 2}/" in summary, summary
 
 
-def test_bad_dataset_folder_names_the_node_and_folder(assets, run, ckpt_name, tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+def test_bad_dataset_folder_names_the_node_and_folder(assets, run, ckpt_name):
+    folder = assets.base / "input" / "broken_set"
+    folder.mkdir(exist_ok=True)
+    (folder / "broken.png").write_bytes(b"not a png")
     handles = {}
-    prompt, _ = txt2img(ckpt_name, train_patch(str(tmp_path), handles))
+    prompt, _ = txt2img(ckpt_name, train_patch("broken_set", handles))
     with pytest.raises(WorkflowError) as e:
         run(prompt)
     message = str(e.value)
-    assert "LoraWorkbenchImageFolder" in message and str(tmp_path) in message and "broken.png" in message
+    assert "LoraWorkbenchImageFolder" in message and "'broken_set'" in message and "broken.png" in message
+    assert str(assets.base) not in message.split("failed:", 1)[1].split(":", 1)[1], "no server path in the message"

@@ -353,19 +353,29 @@ def test_neither_format_is_an_error(comfy, tmp_path):
         ui_format.load_workflow(path, comfy.node_classes)
 
 
-def _default_template() -> Path | None:
-    pattern = str(
-        Path(sysconfig.get_paths()["purelib"]) / "comfyui_workflow_templates*" / "templates" / "default.json"
-    )
-    found = sorted(glob.glob(pattern))
-    return Path(found[0]) if found else None
+# Files the frontend itself wrote, from ComfyUI's templates package (a ComfyUI requirement), with their
+# KSampler's (steps, cfg). The classic default graph, default.json, is only in 0.3.75's package (newer
+# ComfyUI moved the templates to comfyui-workflow-templates-json and dropped it); flux_schnell.json is in both.
+TEMPLATES = {"default.json": (20, 8), "flux_schnell.json": (4, 1)}
 
 
-@pytest.mark.skipif(_default_template() is None, reason="comfyui-workflow-templates (a ComfyUI requirement) absent")
-def test_frontends_own_default_workflow_converts(comfy):
-    # A file the frontend itself wrote (its default graph, shipped in ComfyUI's templates package).
-    prompt = ui_format.load_workflow(_default_template(), comfy.node_classes)
-    (sampler,) = [p for p in prompt.values() if p["class_type"] == "KSampler"]
-    assert sampler["inputs"]["steps"] == 20 and sampler["inputs"]["cfg"] == 8
-    assert sampler["inputs"]["sampler_name"] == "euler" and isinstance(sampler["inputs"]["seed"], int)
-    assert not any(p["class_type"] == "MarkdownNote" for p in prompt.values())
+def _templates() -> dict[str, Path]:
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    found = {}
+    for name in TEMPLATES:
+        hits = sorted(glob.glob(str(purelib / "comfyui_workflow_templates*" / "templates" / name)))
+        if hits:
+            found[name] = Path(hits[0])
+    return found
+
+
+def test_frontends_own_workflows_convert(comfy):
+    found = _templates()
+    assert "flux_schnell.json" in found, "comfyui-workflow-templates (a ComfyUI requirement) has no flux_schnell.json"
+    for name, path in found.items():
+        prompt = ui_format.load_workflow(path, comfy.node_classes)
+        (sampler,) = [p for p in prompt.values() if p["class_type"] == "KSampler"]
+        steps, cfg = TEMPLATES[name]
+        assert (sampler["inputs"]["steps"], sampler["inputs"]["cfg"]) == (steps, cfg), (name, sampler)
+        assert sampler["inputs"]["sampler_name"] == "euler" and isinstance(sampler["inputs"]["seed"], int), name
+        assert not any(p["class_type"] in ("Note", "MarkdownNote") for p in prompt.values()), name

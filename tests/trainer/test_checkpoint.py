@@ -35,11 +35,20 @@ class _Counting:
         return self._api.generate(*args, **kwargs)
 
 
-def test_resume_with_other_adapter_settings_is_refused(model_api, dataset, tmp_path):
-    train(model_api, dataset, _cfg(steps=2), checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint\.json was trained with rank = 4, not 8"):
-        train(model_api, dataset, _cfg(steps=4, rank=8), checkpoint_dir=tmp_path, resume=True)
-    assert train(model_api, dataset, _cfg(steps=2, rank=8), checkpoint_dir=tmp_path, resume=False).resumed_from == 0
+def test_resume_with_other_settings_starts_fresh_and_keeps_the_old_checkpoint(model_api, dataset, tmp_path):
+    run = tmp_path / "run"
+    first = train(model_api, dataset, _cfg(steps=2), checkpoint_dir=run)
+    other = train(model_api, dataset, _cfg(steps=4, rank=8), checkpoint_dir=run, resume=True)
+    assert other.resumed_from == 0 and other.steps_done == 4
+    assert "started fresh" in other.notes[0] and "rank was 4, now 8" in other.notes[0], other.notes
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.previous-step2-")]
+    assert kept.name in other.notes[0]
+    step, _, state = ckpt.load_checkpoint(kept)
+    assert step == 2 and state["losses"] == first.losses, "the first run's checkpoint, untouched"
+    # resume off: never resumes, and the checkpoint it would have overwritten is kept as well.
+    again = train(model_api, dataset, _cfg(steps=4, rank=8), checkpoint_dir=run, resume=False)
+    assert again.resumed_from == 0 and "resume is off" in again.notes[0]
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]) == 2
 
 
 def test_should_stop_true_at_step_5_cancels_with_a_checkpoint(model_api, dataset, tmp_path):

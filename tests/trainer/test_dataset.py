@@ -8,9 +8,17 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lora_workbench.trainer.dataset import MAX_PIXELS, DatasetError, DatasetOptions, load_image_folder
+from lora_workbench.trainer.dataset import (
+    MAX_PIXELS,
+    DatasetError,
+    DatasetOptions,
+    crop_window,
+    folder_signature,
+    load_image_folder,
+)
 
 OPTS = DatasetOptions(resolution=16)
 
@@ -119,28 +127,34 @@ def test_captions_from_txt_or_template(subject_folder):
 def test_repeats_multiply_the_epoch(subject_folder):
     ds = load_image_folder(subject_folder, DatasetOptions(resolution=16, repeats=3))
     assert len(ds) == 18
-    seen = [i for batch in ds.epoch_batches(4, seed=0, epoch=0) for i, _, _ in batch]
+    seen = [item.index for batch in ds.epoch_batches(4, seed=0, epoch=0) for item in batch]
     assert sorted(seen) == sorted(list(range(6)) * 3), "each image appears `repeats` times per epoch"
     with pytest.raises(DatasetError, match="repeats 0"):
         load_image_folder(subject_folder, DatasetOptions(resolution=16, repeats=0))
 
 
-def test_center_and_random_crop(tmp_path):
+def test_center_crop_and_random_crops_drawn_per_use(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     # 48x16: left third red, middle green, right blue; at resolution 16 only the scale-1 crop remains.
     arr = np.zeros((16, 48, 3), np.uint8)
     arr[:, :16, 0] = arr[:, 16:32, 1] = arr[:, 32:, 2] = 255
     Image.fromarray(arr).save(folder / "wide.png")
-    center = load_image_folder(folder, DatasetOptions(resolution=16, crop="center")).examples[0].pixels
-    assert center.shape == (3, 16, 16)
-    assert (center[1] == 1).all() and (center[0] == 0).all(), "a center crop keeps the middle third"
-    lefts = set()
-    for seed in range(12):
-        px = load_image_folder(folder, DatasetOptions(resolution=16, crop="random"), seed=seed).examples[0].pixels
-        assert px.shape == (3, 16, 16)
-        lefts.add(round(float(px[0].mean()) * 16))  # red columns in the crop tell where it started
-    assert len(lefts) > 3, f"random crops should start at different places over 12 seeds, got {lefts}"
+    center = load_image_folder(folder, DatasetOptions(resolution=16, crop="center")).examples[0]
+    assert center.data.dtype == torch.uint8 and center.data.shape == (3, 16, 16), "held as uint8, cropped"
+    assert (center.pixels[1] == 1).all() and (center.pixels[0] == 0).all(), "a center crop keeps the middle third"
+    # Random: the whole resized image is kept (48 wide = 16 + 4 steps of 8) and a crop is drawn per use.
+    ds = load_image_folder(folder, DatasetOptions(resolution=16, crop="random", repeats=4))
+    example = ds.examples[0]
+    assert example.data.shape == (3, 16, 48) and example.size == (16, 16)
+    lefts = {
+        crop_window((48 - 16) // 8, item.crop[1])
+        for epoch in range(4)
+        for batch in ds.epoch_batches(1, seed=0, epoch=epoch)
+        for item in batch
+    }
+    assert len(lefts) >= 3, f"16 uses of one image should start at several places, got {lefts}"
+    assert ds.epoch_batches(1, seed=0, epoch=2) == ds.epoch_batches(1, seed=0, epoch=2), "a function of seed, epoch"
 
 
 @pytest.mark.parametrize("w, h", [(64, 32), (32, 64), (40, 40), (60, 45)])
@@ -165,7 +179,7 @@ def test_mixed_buckets_batch_by_size(tmp_path):
         Image.new("RGB", (32, 64), (i, 0, 0)).save(folder / f"tall{i}.png")
     ds = load_image_folder(folder, DatasetOptions(resolution=64 * 2, buckets=True))
     for batch in ds.epoch_batches(2, seed=0, epoch=0):
-        assert len({tuple(ds.examples[i].pixels.shape) for i, _, _ in batch}) == 1, "a batch mixes bucket sizes"
+        assert len({ds.examples[item.index].size for item in batch}) == 1, "a batch mixes bucket sizes"
 
 
 def test_empty_and_missing_folders_are_named(tmp_path):
@@ -200,5 +214,70 @@ def test_epoch_order_is_a_function_of_seed_and_epoch(subject_folder):
     assert a != ds.epoch_batches(2, seed=7, epoch=1), "each epoch must be shuffled anew"
     assert a != ds.epoch_batches(2, seed=8, epoch=0)
     assert ds.batch(2, seed=7, number=3) == ds.epoch_batches(2, seed=7, epoch=1)[0], "batch 3 = epoch 1's first"
-    flips = [f for b in a + ds.epoch_batches(2, 7, 1) for _, f, _ in b]
+    flips = [item.flip for b in a + ds.epoch_batches(2, 7, 1) for item in b]
     assert any(flips) and not all(flips), "flip is drawn per image"
+
+
+def _png(path, colour=(10, 20, 30), size=16):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path)
+
+
+def test_sub_folders_are_used_and_kohya_folders_repeat_and_caption(tmp_path):
+    folder = tmp_path / "data"
+    _png(folder / "top.png")
+    _png(folder / "more" / "a.png", (200, 0, 0))
+    _png(folder / "10_zwx cat" / "b.png", (0, 200, 0))
+    (folder / "10_zwx cat" / "c.png").write_bytes(png_bytes(Image.new("RGB", (16, 16))))
+    (folder / "10_zwx cat" / "c.txt").write_text("own caption")
+    (folder / "orphan.txt").write_text("no image of this name")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    ds = load_image_folder(folder, DatasetOptions(resolution=16, trigger="sks", class_noun="dog"))
+    by_name = {e.name: e for e in ds.examples}
+    assert sorted(by_name) == ["10_zwx cat/b.png", "10_zwx cat/c.png", "more/a.png", "top.png"]
+    assert (by_name["10_zwx cat/b.png"].caption, by_name["10_zwx cat/b.png"].repeats) == ("zwx cat", 10)
+    assert (by_name["10_zwx cat/c.png"].caption, by_name["10_zwx cat/c.png"].repeats) == ("own caption", 10)
+    assert (by_name["more/a.png"].caption, by_name["more/a.png"].repeats) == ("a photo of sks dog", 1)
+    assert len(ds) == 22
+    report = ds.report()
+    # Every file is used or named: the orphan caption and the hidden file are listed with their reason.
+    assert "skipped orphan.txt: caption file without an image" in report
+    assert "skipped .DS_Store: hidden" in report
+    assert "folder 10_zwx cat/: repeats x10" in report
+
+    flat = load_image_folder(folder, DatasetOptions(resolution=16, recursive=False))
+    assert [e.name for e in flat.examples] == ["top.png"]
+    assert "skipped more/: sub-folder with 1 file(s), not used (recursive is off)" in flat.report()
+    assert "skipped 10_zwx cat/: sub-folder with 3 file(s)" in flat.report()
+
+
+def test_report_and_errors_name_the_folder_as_the_user_gave_it(tmp_path):
+    folder = tmp_path / "secret_parent" / "my_dog"
+    _png(folder / "x.png")
+    ds = load_image_folder(folder, DatasetOptions(resolution=16), label="my_dog")
+    assert "my_dog" in ds.report() and "secret_parent" not in ds.report()
+    with pytest.raises(DatasetError) as e:
+        load_image_folder(tmp_path / "secret_parent" / "missing", DatasetOptions(resolution=16), label="missing")
+    assert "secret_parent" not in str(e.value) and "'missing'" in str(e.value)
+
+
+def test_folder_signature_sees_added_and_edited_files(tmp_path):
+    folder = tmp_path / "data"
+    _png(folder / "a.png")
+    first = folder_signature(folder)
+    assert folder_signature(folder) == first, "no change, same signature"
+    _png(folder / "sub" / "b.png")
+    second = folder_signature(folder)
+    assert second != first, "an image added in a sub-folder changes it"
+    _png(folder / "a.png", (1, 2, 3), size=17)
+    assert folder_signature(folder) != second, "an edited image changes it"
+    assert folder_signature(tmp_path / "nope") == "missing"
+
+
+def test_identity_changes_with_pixels_or_caption_not_with_the_folder(tmp_path):
+    for name in ("one", "two"):
+        _png(tmp_path / name / "a.png")
+    one = load_image_folder(tmp_path / "one", DatasetOptions(resolution=16)).identity()
+    assert one == load_image_folder(tmp_path / "two", DatasetOptions(resolution=16)).identity(), "content, not place"
+    (tmp_path / "two" / "a.txt").write_text("another caption")
+    assert one != load_image_folder(tmp_path / "two", DatasetOptions(resolution=16)).identity()

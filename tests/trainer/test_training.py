@@ -106,10 +106,10 @@ def _prediction(api, pixels: torch.Tensor, prompt: str, seed: int = 7) -> torch.
         return api.predict_noise(noisy, t, api.encode_prompts([prompt] * x0.shape[0]))
 
 
-def _drift_and_effects(api, pretrained, **kw):
+def _drift_and_effects(api, pretrained, trigger="sks", **kw):
     """Train on the pretrained model; return (class drift, trigger effect, plain effect, result)."""
     _, subject, class_dir = pretrained
-    dataset = load_image_folder(subject, DatasetOptions(trigger="sks", class_noun="toy", resolution=16))
+    dataset = load_image_folder(subject, DatasetOptions(trigger=trigger, class_noun="toy", resolution=16))
     spix = _pixels(dataset)
     cpix = _pixels(load_image_folder(class_dir, DatasetOptions(resolution=16)))
     base_class = _prediction(api, cpix, PLAIN_PROMPT)
@@ -135,12 +135,29 @@ def test_prior_preservation_keeps_class_predictions_near_the_base(pretrained):
 
 
 def test_trigger_binding(pretrained):
+    # The LoRA's effect on subject predictions with "sks" in the prompt over its effect without, trained with the
+    # trigger in the captions (binding) and without it (the control: nothing to bind), over 4 seeds each.
+    # Measured (40 steps, text-encoder LoRA at lr 1e-2, prior preservation): binding 1.415, 1.101, 1.180, 1.195
+    # (mean 1.223, sd 0.135); control 0.975, 0.981, 0.974, 0.952 (mean 0.971, sd 0.013). The gap of the means,
+    # 0.25, is 3.7 times the binding mean's spread (0.135 / sqrt(4)) and 19 times the control's; the threshold
+    # 0.12 is half the gap.
     api = DiffusersModelApi(*pretrained[0])
-    _, trig, plain, _ = _drift_and_effects(api, pretrained, prior_preservation=True, train_text_encoder=True)
-    # The LoRA's effect on subject predictions is larger with "sks" in the prompt than without. Measured ratio
-    # 1.08 (1.02 without prior preservation, where nothing ties "a photo of toy" to the base). The tiny CLIP
-    # differs by one of 16 tokens between the prompts, so the separation is small; 1.03 sits between the two.
-    assert trig > 1.03 * plain, (trig, plain)
+    means = {}
+    for trigger in ("sks", ""):
+        ratios = []
+        for seed in range(4):
+            _, trig, plain, _ = _drift_and_effects(
+                api,
+                pretrained,
+                trigger=trigger,
+                seed=seed,
+                prior_preservation=True,
+                train_text_encoder=True,
+                te_learning_rate=1e-2,
+            )
+            ratios.append(trig / plain)
+        means[trigger or "control"] = sum(ratios) / len(ratios)
+    assert means["sks"] > means["control"] + 0.12, means
 
 
 class _NanAfter:
@@ -208,8 +225,6 @@ def test_cancel_by_exception_leaves_a_loadable_checkpoint(model_api, dataset, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", index["tensors"]], "old files removed"
     assert not any(isinstance(m, inject.LoraLayer) for m in model_api.unet.modules()), "layers removed on error"
 
-    with pytest.raises(ValueError, match="rank = 4, not 8"):
-        loop.train(model_api, dataset, _config(steps=5, rank=8), checkpoint_dir=tmp_path)
     resumed = loop.train(model_api, dataset, _config(steps=5), checkpoint_dir=tmp_path)
     assert resumed.resumed_from == 3 and resumed.steps_done == 5 and len(resumed.losses) == 5
 

@@ -107,7 +107,14 @@ def test_comfy_native_round_trip(tmp_path, make_state):
     safeio.write_safetensors(path, sd, {})
     sd2, meta2 = safeio.read_safetensors(path)
     assert keys.detect_format(sd2) is KeyFormat.COMFY_NATIVE
-    _assert_same_state(st, keys.state_from_dict(sd2, meta2))
+    _assert_same_state(st, keys.state_from_dict(sd2, meta2, canonical=False))
+    # Canonical names are the diffusers-style kohya ones, so a merge with a kohya file meets the same layer.
+    canonical = keys.state_from_dict(sd2, meta2)
+    assert sorted(canonical.modules) == [
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_mid_block_attentions_0_proj_in",
+    ]
+    assert list(canonical.extras) == ["lora_unet_down_blocks_0_attentions_0_norm.diff_b"]
 
 
 def test_comfy_native_needs_mapping_for_diffusers_names(make_state):
@@ -128,10 +135,16 @@ def test_core_train_lora_node_output_is_read_with_extras():
         "diffusion_model.input_blocks.1.1.norm.diff": torch.randn(8),
         "diffusion_model.input_blocks.1.1.norm.diff_b": torch.randn(8),
     }
-    st = keys.state_from_dict(sd)
+    st = keys.state_from_dict(sd, canonical=False)
     assert list(st.modules) == ["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"]
     assert st.modules["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"].alpha == 1.0
     assert sorted(st.extras) == ["lora_unet_input_blocks_1_1_norm.diff", "lora_unet_input_blocks_1_1_norm.diff_b"]
+    st = keys.state_from_dict(sd)
+    assert list(st.modules) == ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    assert sorted(st.extras) == [
+        "lora_unet_down_blocks_0_attentions_0_norm.diff",
+        "lora_unet_down_blocks_0_attentions_0_norm.diff_b",
+    ]
 
 
 # (key as a producer writes it, expected kohya module name). Each row is a key layout seen in the wild.

@@ -152,10 +152,18 @@ def test_rank_above_sum_refused(three):
 
 
 def test_different_families_refused(make_state):
-    a = make_state(metadata={"ss_base_model_version": "sd_v1"}, source="one.safetensors")
-    b = make_state(metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, source="two.safetensors")
+    a = make_state(source="one.safetensors")  # SD1 shapes: cross-attention context 768
+    sdxl = [("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 640, 2048, None)]
+    b = make_state(modules=sdxl, source="two.safetensors")
     with pytest.raises(ValueError, match=r"one.safetensors is sd1, two.safetensors is sdxl"):
         merge.merge([a, b], [1, 1], "concat")
+
+
+def test_metadata_family_claims_do_not_refuse_a_merge(make_state):
+    # Shared files often carry wrong metadata: the shapes (SD1 for both) decide.
+    a = make_state(metadata={"ss_base_model_version": "sd_v1"}, source="one.safetensors")
+    b = make_state(seed=1, metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, source="two")
+    assert merge.merge([a, b], [1, 1], "concat").report.overall_error == 0.0
 
 
 def test_loha_input_refused_with_advice():
