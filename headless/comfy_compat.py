@@ -13,7 +13,8 @@ comparing version numbers:
 - Core nodes gained required inputs in 0.33: ``LoraModelLoader`` has ``bypass``; ``TrainLoraNode`` has
   ``quantized_backward``, ``checkpoint_depth``, ``offloading``, ``bucket_mode`` and ``bypass_mode``. Code
   that builds their inputs for both versions passes them where the node declares them (``input_names``,
-  ``input_defaults``).
+  ``input_defaults``). ``TrainLoraNode`` also no longer returns a MODEL first: its ``LORA_MODEL`` output is
+  found by type (``RETURN_TYPES``).
 - 0.33 registers its node replacements (old node ids -> new ones, applied by the web server to the
   prompts it receives) on the server object, so a headless import logs "IMPORT FAILED:
   nodes_replacements.py" with a hint to reinstall requirements. Nothing is missing: that file defines no

@@ -583,7 +583,7 @@ def _check_shapes(name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Te
 
 
 def _alpha_tensor(module: LoraModule) -> torch.Tensor:
-    return torch.tensor(float(module.alpha) if module.alpha is not None else float(module.rank), dtype=torch.float32)
+    return torch.tensor(module.effective_alpha, dtype=torch.float32)
 
 
 def to_kohya_dict(state: LoraState) -> dict[str, torch.Tensor]:
@@ -667,7 +667,7 @@ def to_peft_dict(
         lead = f"{comp}." if prefix_style == "diffusers" else ""
         key_lead = f"{comp}." if prefix_style == "diffusers" else ""
         ranks = [m.rank for _, _, m in mods]
-        alphas = [float(m.alpha) if m.alpha is not None else float(m.rank) for _, _, m in mods]
+        alphas = [m.effective_alpha for _, _, m in mods]
         r = max(set(ranks), key=ranks.count)
         a = max(set(alphas), key=alphas.count)
         alpha_pattern = {path: _num(al) for (_, path, _), al in zip(mods, alphas) if al != a}

@@ -138,7 +138,7 @@ def build_metadata(
         meta[str(k)] = v
     if state is not None:
         ranks = state.ranks
-        alphas = {float(m.alpha) if m.alpha is not None else float(m.rank) for m in state.modules.values()}
+        alphas = {m.effective_alpha for m in state.modules.values()}
         if rank is _UNSET:
             rank = next(iter(ranks)) if len(ranks) == 1 else None
         if alpha is _UNSET:
@@ -374,7 +374,7 @@ def describe(
         "te_modules": sum(1 for n in mods if n.startswith("lora_te")),
         "conv_modules": sum(1 for m in mods.values() if m.is_conv),
         "ranks": sorted(state.ranks),
-        "alphas": sorted({float(m.alpha) if m.alpha is not None else float(m.rank) for m in mods.values()}),
+        "alphas": sorted({m.effective_alpha for m in mods.values()}),
         "family": base_family(state, meta),
         "trigger_words": trigger_words(meta),
         "training_settings": training_settings(meta),

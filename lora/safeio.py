@@ -370,6 +370,28 @@ def write_safetensors(
         raise FileNotFoundError(f"folder '{dest.parent}' for '{dest.name}' does not exist")
     meta = normalize_metadata(metadata, where=f" (writing '{dest}')")
     data = safetensors.torch.save(_prepare_tensors(tensors), metadata=meta or None)
+    return atomic_write_bytes(dest, data, overwrite=overwrite)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically: a unique temp file in the same folder, fsync, ``os.replace``, then
+    fsync of the folder, so a crash leaves either the old file or the whole new one, never half of it.
+
+    The package's one atomic writer (LoRA files here; checkpoints and caches can use it too).
+
+    Args:
+        path: the destination; its folder must exist.
+        data: the file's bytes.
+        overwrite: replace an existing file; False refuses one, also one created while writing.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        FileExistsError: if the file exists and ``overwrite`` is False.
+        OSError: from the file system (the temp file is removed).
+    """
+    dest = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def effective_alpha(alpha: float | None, rank: int) -> float:
+    """Return the alpha in force for a module of ``rank``: ``alpha``, or ``rank`` when absent (scale 1).
+
+    The one place the package applies that rule; every reader, writer and summary calls it.
+    """
+    return float(rank) if alpha is None else float(alpha)
+
+
 @dataclass
 class LoraModule:
     """Low-rank factors of one target module.
@@ -38,9 +46,14 @@ class LoraModule:
         return int(self.down.shape[0])
 
     @property
+    def effective_alpha(self) -> float:
+        """Return the alpha in force: ``alpha``, or the rank when absent (see :func:`effective_alpha`)."""
+        return effective_alpha(self.alpha, self.rank)
+
+    @property
     def scale(self) -> float:
         """Return ``alpha / rank`` (1.0 when alpha is absent)."""
-        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+        return self.effective_alpha / self.rank
 
     @property
     def is_conv(self) -> bool:

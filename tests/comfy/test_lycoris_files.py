@@ -185,9 +185,13 @@ def test_merge_of_loha_and_lokr_is_their_stacked_sum(comfy, ckpt_name, files, ca
         )
         g.node("PreviewAny", id=f"merge_{method}_show", source=merged.out(1))
         g.node(
-            "LoraWorkbenchSave", id=f"save_{method}", adapter=merged.out(0), filename=f"{SUB}/merged_{method}", trigger_words="",
+            "LoraWorkbenchSave",
+            id=f"save_{method}",
+            adapter=merged.out(0),
+            filename=f"{SUB}/merged_{method}",
+            trigger_words="",
             overwrite=True,
-        )  # fmt: skip
+        )
     first = runner.run_prompt(comfy, g.finalize(), echo=False)
 
     g = _builder()

@@ -227,5 +227,6 @@ def core_train_lora(runtime, ckpt_name: str, steps: int = 1, rank: int = 4) -> d
         # Inputs newer ComfyUI added (0.33: quantized_backward, checkpoint_depth, ...), at their defaults.
         inputs.update({k: [v] for k, v in comfy_compat.input_defaults(train).items() if k not in inputs})
         out = train.execute(**inputs)
-    lora = (out.result if hasattr(out, "result") else out)[1]
+    # 0.3.75 returns (MODEL, LORA_MODEL, ...), 0.33 (LORA_MODEL, ...): take it by its type.
+    lora = (out.result if hasattr(out, "result") else out)[list(train.RETURN_TYPES).index("LORA_MODEL")]
     return {k: v.detach().clone().contiguous() for k, v in lora.items()}

@@ -166,10 +166,15 @@ def test_metadata_family_claims_do_not_refuse_a_merge(make_state):
     assert merge.merge([a, b], [1, 1], "concat").report.overall_error == 0.0
 
 
-def test_loha_input_refused_with_advice():
-    loha = {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}
-    with pytest.raises(keys.UnsupportedLoraError, match=r"LoHa.*apply them together in a LoRA stack"):
-        merge.merge([loha], [1.0], "concat")
+def test_dora_input_refused_with_the_reason_and_advice():
+    # LoHa/LoKr merge as exact deltas (tests/unit/test_lycoris.py); DoRA's change depends on the base weights.
+    dora = {
+        "lora_unet_x.lora_down.weight": torch.ones(2, 3),
+        "lora_unet_x.lora_up.weight": torch.ones(3, 2),
+        "lora_unet_x.dora_scale": torch.ones(3, 1),
+    }
+    with pytest.raises(keys.UnsupportedLoraError, match=r"DoRA.*model's weights.*apply them together in a LoRA stack"):
+        merge.merge([dora], [1.0], "concat")
 
 
 def test_linear_with_different_ranks_refused(make_state):

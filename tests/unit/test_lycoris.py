@@ -107,20 +107,26 @@ def test_deltas_equal_lycoris_own_and_the_formula(tmp_path, variant):
     assert worst_own < TOLERANCE and worst_formula < 1e-12
 
 
-@pytest.mark.parametrize("variant", ["loha", "lokr"])
+@pytest.mark.parametrize("variant", ["loha", "loha_tucker", "lokr"])
 def test_describe_and_exact_state_and_svd_error(tmp_path, variant):
     path, own = _write(tmp_path, variant)
     sd = load_file(str(path))
     info = md.describe(sd, {"modelspec.trigger_phrase": "sks toy"}, source=path.name)
-    assert (info["format"], info["algorithm"], info["ranks"], info["alphas"]) == ("lycoris", variant, [4], [2.0])
+    assert (info["format"], info["algorithm"], info["ranks"], info["alphas"]) == (
+        "lycoris",
+        VARIANTS[variant]["algo"],
+        [4],
+        [2.0],
+    )
     assert info["modules"] == 113 and info["trigger_words"] == ["sks toy"]
 
     state = lycoris.state_from_any(sd, source=path.name)
     exact = max(_rel(state.modules[n].delta(), own[n]) for n in own)
     # Exact factors of each change at its true rank (LoHa: at most rank**2, a Hadamard product; LoKr: rank(w1) *
     # rank(w2)), not a padded full-rank copy.
-    true_ranks = {n: int(torch.linalg.matrix_rank(_formula(sd, "lycoris_" + n[len("lora_unet_") :]))) for n in own}
-    got = {n: m.rank for n, m in state.modules.items()}
+    some = sorted(own)[::8]  # every 8th module: matrix_rank is a full SVD, and 113 of them take ~15 s here
+    true_ranks = {n: int(torch.linalg.matrix_rank(_formula(sd, "lycoris_" + n[len("lora_unet_") :]))) for n in some}
+    got = {n: state.modules[n].rank for n in some}
     assert got == true_ranks, {n: (got.get(n), r) for n, r in true_ranks.items() if got.get(n) != r}
     assert exact < TOLERANCE, exact
 
