@@ -390,11 +390,18 @@ def test_train_progress_from_events(ui, renderer, node_types):
     assert orange["n"] > 50, f"no loss curve drawn: {orange}"
     ui.js(
         "(id) => window.comfyAPI.api.api.dispatchCustomEvent('lora_workbench.train_done',"
-        " {node: String(id), file: 'my_lora.safetensors', steps: 40})",
+        " {node: String(id), state: 'finished', file: 'my_lora', steps: 40})",
         node_id,
     )
     assert view.get_attribute("data-status") == "done"
-    assert stats.locator("[data-key=file]").inner_text() == "Saved my_lora.safetensors"
+    assert stats.locator("[data-key=file]").inner_text() == "Finished: run my_lora"
     assert stats.locator("[data-key=step]").inner_text() == "Step 40/40"
     ui.screenshot(f"train-progress-{renderer}")
+    # How a run ended is said as the server says it: cancelled at its checkpoint's step.
+    ui.js(
+        "(id) => window.comfyAPI.api.api.dispatchCustomEvent('lora_workbench.train_done',"
+        " {node: String(id), state: 'cancelled', file: 'my_lora', steps: 12})",
+        node_id,
+    )
+    assert stats.locator("[data-key=file]").inner_text() == "Cancelled at step 12 (checkpoint kept in my_lora)"
     assert ui.our_errors() == []
