@@ -100,24 +100,28 @@ TRAIN_DEFAULTS = dict(
 )
 
 
+def dataset_inputs(folder: str, **changes) -> dict:
+    """Return the Image Folder Dataset inputs the tests use (64 px, center crop, trigger "sks", class "toy")."""
+    inputs = dict(
+        folder=folder,
+        trigger="sks",
+        class_noun="toy",
+        caption_template="a photo of {trigger} {class_noun}",
+        resolution=64,
+        crop="center",
+        buckets=False,
+        flip=False,
+        repeats=1,
+        caption_dropout=0.0,
+    )
+    return {**inputs, **changes}
+
+
 def train_patch(dataset_folder: str, outputs: dict, **train_inputs):
     """A patch function inserting Image Folder Dataset -> Train LoRA; ``outputs`` gets the train node's handle."""
 
     def patch(g, model, clip):
-        ds = g.node(
-            "LoraWorkbenchImageFolder",
-            id="dataset",
-            folder=dataset_folder,
-            trigger="sks",
-            class_noun="toy",
-            caption_template="a photo of {trigger} {class_noun}",
-            resolution=64,
-            crop="center",
-            buckets=False,
-            flip=False,
-            repeats=1,
-            caption_dropout=0.0,
-        )
+        ds = g.node("LoraWorkbenchImageFolder", id="dataset", **dataset_inputs(dataset_folder))
         ckpt = g.lookup_node("ckpt")
         train = g.node(
             "LoraWorkbenchTrain",

@@ -15,28 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tool_files import tiny_unet
 
 RANK, ALPHA = 4, 2.0  # scale 0.5: an ignored alpha shows as a factor 2
 # Attention and feed-forward linears plus the resnets' convs (3x3, stored flattened by LyCORIS).
 TARGET_MODULES = ["Transformer2DModel", "ResnetBlock2D"]
-
-
-def tiny_unet(seed: int = 0):
-    """A diffusers UNet of the tiny SD1.5-shaped checkpoint's layout (random weights, no download)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
 
 
 def write_lycoris_file(path: Path, algo: str, seed: int = 0, metadata: dict | None = None, **kwargs) -> Path:

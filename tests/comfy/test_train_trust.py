@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from graphs import core_chain, train_patch, txt2img
+from graphs import core_chain, dataset_inputs, train_patch, txt2img
 from measure import conditioning, denoise_error, subject_latents
 
 from lora_workbench.headless import examples, runner
@@ -122,21 +122,7 @@ def test_dataset_node_sees_images_added_to_its_folder(assets, run, ckpt_name):
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(assets.base / "input" / examples.DATASET_INPUT_NAME, folder)
     graph = {
-        "ds": {
-            "class_type": "LoraWorkbenchImageFolder",
-            "inputs": dict(
-                folder="growing",
-                trigger="sks",
-                class_noun="toy",
-                caption_template="a photo of {trigger}",
-                resolution=64,
-                crop="center",
-                buckets=False,
-                flip=False,
-                repeats=1,
-                caption_dropout=0.0,
-            ),
-        },
+        "ds": {"class_type": "LoraWorkbenchImageFolder", "inputs": dataset_inputs("growing")},
         "show": {"class_type": "PreviewAny", "inputs": {"source": ["ds", 1]}},
     }
     first = run(graph).output("ds", 1)

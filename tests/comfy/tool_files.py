@@ -46,13 +46,12 @@ def clip_key(te_path: str) -> str:
     return f"clip_l.transformer.text_model.{te_path}.weight"
 
 
-def _peft_models(seed: int):
+def tiny_unet(seed: int = 0):
+    """A diffusers UNet of the tiny SD1.5-shaped checkpoint's layout (random weights from ``seed``, no download)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig, inject_adapter_in_model
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
         out_channels=4,
@@ -63,6 +62,13 @@ def _peft_models(seed: int):
         cross_attention_dim=768,
         attention_head_dim=8,
     )
+
+
+def _peft_models(seed: int):
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = tiny_unet(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=64,
