@@ -8,35 +8,14 @@ names a complete tensor file; older tensor files are removed after.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
+from ..lora.safeio import atomic_write_bytes
+
 INDEX = "checkpoint.json"
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself lives in the directory entry: without this a power cut can forget it (POSIX only).
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, rename it over ``path`` and fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict) -> Path:
@@ -59,9 +38,9 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}.safetensors"
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"step": str(step)})
-    _atomic_write_bytes(folder / name, data)
+    atomic_write_bytes(folder / name, data)
     index = folder / INDEX
-    _atomic_write_bytes(index, json.dumps({"step": step, "tensors": name, **state}).encode())
+    atomic_write_bytes(index, json.dumps({"step": step, "tensors": name, **state}).encode())
     for old in folder.glob("step-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)

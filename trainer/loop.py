@@ -155,18 +155,6 @@ def _autocast(dtype: torch.dtype | None, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _adapter_shape(config: TrainConfig) -> dict:
-    """Return the settings that decide the adapter's tensors (a resumed checkpoint must match them)."""
-    return {
-        "rank": config.rank,
-        "alpha": config.effective_alpha,
-        "target_modules": list(config.target_modules),
-        "train_text_encoder": config.train_text_encoder,
-        "te_rank": config.effective_te_rank if config.train_text_encoder else 0,
-        "te_targets": list(config.text_encoder_targets) if config.train_text_encoder else [],
-    }
-
-
 def _global_rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """Return the global generators' states as (tensors, JSON part) for a checkpoint."""
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
@@ -404,7 +392,6 @@ class _Run:
         state = {
             "config": self.config.to_dict(),
             "run": self.record,
-            "adapter": _adapter_shape(self.config),
             "optimizer": opt_json,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,

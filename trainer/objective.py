@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..lora.safeio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +168,9 @@ def class_images(
             chunk = model_api.generate(prompt, n, chunk_seed, size).detach().float().cpu().clamp(0, 1)
             for img, path in zip(chunk, files):
                 arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                tmp = path.with_name(f".{path.name}.tmp")
-                Image.fromarray(arr).save(tmp, format="PNG")
-                os.replace(tmp, path)
+                png = io.BytesIO()
+                Image.fromarray(arr).save(png, format="PNG")
+                atomic_write_bytes(path, png.getvalue())
             # Read back what was written so a first run trains on exactly the pixels later runs reuse (8-bit).
             images += [_read_png(f) for f in files] if files else list(chunk)
         if progress is not None:
