@@ -1,32 +1,57 @@
-"""Our ``trainer.loop.train`` against the diffusers/peft DreamBooth-LoRA reference loop, on the CPU.
+"""Our ``trainer.loop.train`` against the diffusers/peft DreamBooth-LoRA reference loop, on the CPU, same work.
 
 The reference is the core of diffusers' ``examples/dreambooth/train_dreambooth_lora.py``: a peft ``LoraConfig``
-added to the UNet (``unet.add_adapter``), AdamW on the LoRA parameters, ``noise_scheduler.add_noise``, MSE on
-epsilon, and prior preservation by concatenating the instance and class batches and chunking the prediction.
-Like that script (without ``--cache_latents``, which it lacks) it VAE-encodes the batch every step; prompts are
-encoded once (its ``--pre_compute_text_embeddings``). Ours encodes every image once before the loop.
+added to the UNet (``unet.add_adapter``, gaussian init), AdamW on the LoRA parameters, a constant learning-rate
+schedule, ``noise_scheduler.add_noise``, MSE on epsilon, gradient clipping at 1.0, and prior preservation by
+concatenating the instance and class batches and chunking the prediction. Prompts are encoded once (its
+``--pre_compute_text_embeddings``) and, as on our side, images too: the reference caches each image's
+``latent_dist`` once and samples it every step, as diffusers' SDXL DreamBooth script does with
+``--cache_latents``; ours encodes each image once (the distribution's mode). Neither side's timed steps encode.
 
-Each configuration runs in a fresh subprocess so its peak RSS (``getrusage``) is its own. The model is the test
-fixture's tiny UNet (channels (32, 64); (64, 128) took 5 s a step at 64 px here, too slow for 16
-configurations in 5 minutes), fp32, rank 8, torch's default thread count.
-Run: ``.venv/bin/python benchmarks/bench_trainer_reference.py`` (about 3-5 minutes on 2 cores).
+Both sides train the same tiny diffusers UNet (``trainer.tiny_models.tiny_parts``: channels (32, 64), fp32),
+rank 8, alpha 8, the same four attention projections, the same images. Each repeat runs every configuration in
+one fresh process per side (the sides alternate, so drift of a shared machine hits both); seconds per step are
+taken between the optimizer steps after a warm-up step (``_common.StepClock``), so set-up and encoding are left
+out on both sides. "extra MB" is the peak RSS during training over the RSS once data is encoded (before any LoRA
+layer exists), measured in the same process after ``malloc_trim`` (see ``bench_train_memory.py`` for the
+memory comparison on ComfyUI models).
+
+Run: ``.venv/bin/python benchmarks/bench_trainer_reference.py [--repeats 3] [--steps 3] [--quick]``
+(about 4 minutes on 2 cores; ``--quick``: one small configuration, for development).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
 
-STEPS = 2  # timed steps per configuration, after one warm-up step (the 2-core machine allows no more in 5 min)
+from _common import MB, PeakMemory, StepClock, fmt_spread, header, ratio_spread, release_freed_memory, settings_table
+
 RANK = 8
+LR = 1e-4
+WARMUP = 1  # untimed optimizer steps at the start of every run
+CONFIGS = [(res, batch, pp) for pp in (False, True) for res in (64, 128) for batch in (1, 4)]
+QUICK_CONFIGS = [(64, 1, False)]
+ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 
-
-def _parts():
-    from lora_workbench.trainer.tiny_models import tiny_parts
-
-    return tiny_parts(sample_size=32)
+SETTINGS = [
+    ("model", "tiny diffusers UNet (32, 64), fp32", "tiny diffusers UNet (32, 64), fp32"),
+    ("images", "4 instance (+4 class) drawn images", "4 instance (+4 class) drawn images"),
+    ("LoRA targets", "to_q, to_k, to_v, to_out.0", "to_q, to_k, to_v, to_out.0"),
+    ("rank / alpha", f"{RANK} / {RANK}", f"{RANK} / {RANK}"),
+    ("learning rate", f"{LR:g} constant", f"{LR:g} constant"),
+    ("gradient clipping", "1.0", "1.0"),
+    ("precision", "fp32", "fp32"),
+    ("prompts", "encoded once", "encoded once"),
+    ("latents", "encoded once (mode), cached", "latent_dist cached, sampled per step"),
+    ("optimizer", "AdamW(fused=True) where supported", "AdamW (torch default: foreach)"),
+    ("LoRA init", "peft default (A kaiming, B zero)", "peft gaussian (as the script)"),
+    ("noise, timesteps", "per-step seeded generators", "global generator"),
+    ("per-step extras", "loss.item(), progress callback", "none"),
+]
 
 
 def _images(folder, size: int, n: int, seed: int) -> None:
@@ -41,103 +66,133 @@ def _images(folder, size: int, n: int, seed: int) -> None:
         img.save(folder / f"{i}.png")
 
 
-def _child(impl: str, res: int, batch: int, pp: bool) -> dict:
-    import resource
-    import tempfile
-    from pathlib import Path
+def _run_ours(parts, tmp, res, batch, pp, steps, mem, start) -> None:
+    from lora_workbench.trainer.config import TrainConfig
+    from lora_workbench.trainer.dataset import DatasetOptions, load_image_folder
+    from lora_workbench.trainer.diffusers_backend import DiffusersModelApi
+    from lora_workbench.trainer.loop import train
 
+    unet, te, tok, vae, sched = parts
+    ds = load_image_folder(tmp / f"subject{res}", DatasetOptions(resolution=res))
+    api = DiffusersModelApi(unet, te, tok, vae, sched)
+    # The loop calls prepare_for_training (where a model API has it) after encoding every image and prompt and
+    # before injecting the LoRA layers: the start of the memory window.
+    api.prepare_for_training = lambda _batch: start()
+    cfg = TrainConfig(
+        steps=WARMUP + steps,
+        rank=RANK,
+        batch_size=batch,
+        learning_rate=LR,
+        prior_preservation=pp,
+        class_images_dir=str(tmp / f"class{res}") if pp else "",
+        num_class_images=4,
+    )
+    train(api, ds, cfg)
+
+
+def _run_ref(parts, tmp, res, batch, pp, steps, start, count_flops: bool) -> float | None:
     import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig
 
     from lora_workbench.trainer.dataset import DatasetOptions, load_image_folder
 
-    tmp = Path(tempfile.mkdtemp())
-    _images(tmp / "subject", res, 4, 0)
-    _images(tmp / "class", res, 4, 1)
-    unet, te, tok, vae, sched = _parts()
-    ds = load_image_folder(tmp / "subject", DatasetOptions(resolution=res))
-    out = {"impl": impl, "res": res, "batch": batch, "pp": pp}
-    if impl == "ours":
-        from lora_workbench.trainer.config import TrainConfig
-        from lora_workbench.trainer.diffusers_backend import DiffusersModelApi
-        from lora_workbench.trainer.loop import TrainCallbacks, train
+    unet, te, tok, vae, sched = parts
+    with torch.no_grad():
+        ids = tok(
+            ["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=16, return_tensors="pt"
+        ).input_ids
+        emb = te(ids)[0]
 
-        stamps = []
-        cfg = TrainConfig(
-            steps=STEPS + 1,
-            rank=RANK,
-            batch_size=batch,
-            learning_rate=1e-4,
-            prior_preservation=pp,
-            class_images_dir=str(tmp / "class") if pp else "",
-            num_class_images=4,
-        )
-        train(
-            DiffusersModelApi(unet, te, tok, vae, sched),
-            ds,
-            cfg,
-            TrainCallbacks(on_step=lambda *a: stamps.append(time.perf_counter())),
-        )
-        out["s_per_step"] = (stamps[-1] - stamps[0]) / STEPS
-    else:
-        import torch.nn.functional as F
-        from peft import LoraConfig
+        def cached(folder):  # --cache_latents: the latent distribution of each image, encoded once
+            pixels = torch.stack([e.pixels for e in load_image_folder(folder, DatasetOptions(resolution=res)).examples])
+            dist = vae.encode(pixels * 2 - 1).latent_dist
+            return dist.mean, dist.std
 
-        unet.add_adapter(
-            LoraConfig(
-                r=RANK,
-                lora_alpha=RANK,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
-        params = [p for p in unet.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        with torch.no_grad():
-            ids = tok(
-                ["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=16, return_tensors="pt"
-            ).input_ids
-            emb = te(ids)[0]
-        inst = torch.stack([e.pixels for e in ds.examples])
-        cls_ds = load_image_folder(tmp / "class", DatasetOptions(resolution=res))
-        cls = torch.stack([e.pixels for e in cls_ds.examples])
-        unet.train()
+        inst = cached(tmp / f"subject{res}")
+        cls = cached(tmp / f"class{res}") if pp else None
+    start()
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=ATTENTION))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # get_scheduler("constant")
+    unet.train()
+    n = inst[0].shape[0]
+    scale = vae.config.scaling_factor
 
-        def step(i: int):
-            pick = torch.arange(i * batch, (i + 1) * batch) % len(inst)
-            pixels = inst[pick]
-            cond = emb[:1].expand(batch, -1, -1)
-            if pp:  # the script concatenates instance and class examples into one batch
-                pixels = torch.cat([pixels, cls[pick]])
-                cond = torch.cat([cond, emb[1:].expand(batch, -1, -1)])
-            with torch.no_grad():
-                latents = vae.encode(pixels * 2 - 1).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
-            pred = unet(sched.add_noise(latents, noise, t), t, cond).sample
-            if pp:
-                pred, pred_prior = torch.chunk(pred, 2, dim=0)
-                noise, noise_prior = torch.chunk(noise, 2, dim=0)
-                loss = F.mse_loss(pred, noise) + 1.0 * F.mse_loss(pred_prior, noise_prior)
-            else:
-                loss = F.mse_loss(pred, noise)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad()
+    def step(i: int):
+        pick = torch.arange(i * batch, (i + 1) * batch) % n
+        mean, std = inst[0][pick], inst[1][pick]
+        cond = emb[:1].expand(batch, -1, -1)
+        if pp:  # the script concatenates instance and class examples into one batch
+            mean, std = torch.cat([mean, cls[0][pick]]), torch.cat([std, cls[1][pick]])
+            cond = torch.cat([cond, emb[1:].expand(batch, -1, -1)])
+        latents = (mean + std * torch.randn_like(mean)) * scale  # latent_dist.sample()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
+        pred = unet(sched.add_noise(latents, noise, t), t, cond).sample
+        if pp:
+            pred, pred_prior = torch.chunk(pred, 2, dim=0)
+            noise, noise_prior = torch.chunk(noise, 2, dim=0)
+            loss = F.mse_loss(pred, noise) + 1.0 * F.mse_loss(pred_prior, noise_prior)
+        else:
+            loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad()
 
-        step(0)
-        t0 = time.perf_counter()
-        for i in range(1, STEPS + 1):
-            step(i)
-        out["s_per_step"] = (time.perf_counter() - t0) / STEPS
-        if batch == 1:  # FLOPs of one step (forward + backward), counted once per shape
-            from torch.utils.flop_counter import FlopCounterMode
+    for i in range(WARMUP + steps):
+        step(i)
+    if not count_flops:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
 
-            with FlopCounterMode(display=False) as fc:
-                step(STEPS + 1)
-            out["flops"] = fc.get_total_flops()
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+    with FlopCounterMode(display=False) as fc:  # one step (forward + backward), after the timed ones
+        step(WARMUP + steps)
+    return fc.get_total_flops()
+
+
+def _child(impl: str, configs: list, steps: int, count_flops: bool) -> None:
+    """Run every configuration once with ``impl``; print one JSON line per configuration."""
+    import tempfile
+    from pathlib import Path
+
+    from lora_workbench.trainer.tiny_models import tiny_parts
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ref_"))
+    for res in sorted({c[0] for c in configs}):
+        _images(tmp / f"subject{res}", res, 4, 0)
+        _images(tmp / f"class{res}", res, 4, 1)
+    mem = PeakMemory()
+    window = {}
+
+    def start():
+        window["baseline"] = mem.rss()
+        mem.reset()
+
+    def on_step():
+        window["peak"] = mem.peak_rss()
+
+    clock = StepClock(on_step=on_step)
+    for res, batch, pp in configs:
+        parts = tiny_parts(sample_size=32)
+        release_freed_memory()
+        clock.reset()
+        window.clear()
+        out = {"impl": impl, "res": res, "batch": batch, "pp": pp}
+        if impl == "ours":
+            _run_ours(parts, tmp, res, batch, pp, steps, mem, start)
+        else:
+            flops = _run_ref(parts, tmp, res, batch, pp, steps, start, count_flops and batch == 1)
+            if flops is not None:
+                out["flops"] = flops
+            clock.stamps = clock.stamps[: WARMUP + steps]  # the FLOP-counting step is not timed
+        out["s_per_step"] = clock.seconds_per_step(WARMUP)
+        out["trainable"] = clock.trainable
+        out["extra_mb"] = (window["peak"] - window["baseline"]) / MB
+        print(json.dumps(out), flush=True)
 
 
 def _matmul_peak() -> float:
@@ -152,48 +207,74 @@ def _matmul_peak() -> float:
 
 
 def main() -> None:
-    rows = []
-    t_start = time.time()
-    for res in (64, 128):
-        for batch in (1, 4):
-            for pp in (False, True):
-                for impl in ("ours", "ref"):
-                    r = subprocess.run(
-                        [sys.executable, __file__, "--child", impl, str(res), str(batch), str(int(pp))],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                        timeout=300,
-                    )
-                    rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-                    print(json.dumps(rows[-1]), flush=True)  # partial results survive an interrupted run
-    peak = _matmul_peak()
-    import torch
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side (default 3)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after 1 warm-up (default 3)")
+    parser.add_argument("--quick", action="store_true", help="one small configuration (development)")
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "FLOPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.child:
+        _child(args.child[0], configs, args.steps, args.child[1] == "1")
+        return
 
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 2048^2 matmul: {peak / 1e9:.1f} "
-        f"GFLOP/s; wall {time.time() - t_start:.0f} s"
+    header(
+        "bench_trainer_reference: DreamBooth-LoRA training loop, ours vs the diffusers/peft reference (CPU)",
+        "seconds per optimizer step and extra memory of trainer.loop.train (DiffusersModelApi) and of the "
+        "reference loop, same model, images, batch, rank, targets and cached latents",
+        "diffusers examples/dreambooth/train_dreambooth_lora.py (peft add_adapter + AdamW loop), with latents "
+        "cached as its SDXL script's --cache_latents",
+        [f"{args.repeats} repeats x (1 warm-up + {args.steps} timed steps) per side and configuration"],
     )
+    print("Settings (same on both sides unless marked):")
+    settings_table(SETTINGS, "ours", "reference")
+    t_start = time.time()
+    rows = []
+    for rep in range(args.repeats):
+        order = ("ours", "ref") if rep % 2 == 0 else ("ref", "ours")
+        for impl in order:
+            cmd = [sys.executable, __file__, "--child", impl, "1" if rep == 0 else "0", "--steps", str(args.steps)]
+            if args.quick:
+                cmd.append("--quick")
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if r.returncode:
+                sys.stderr.write(r.stderr)
+                raise SystemExit(f"child {impl} failed (exit {r.returncode})")
+            for line in r.stdout.strip().splitlines():
+                if line.startswith("{"):
+                    rows.append({**json.loads(line), "rep": rep})
+        print(f"repeat {rep + 1}/{args.repeats} done ({time.time() - t_start:.0f} s)", flush=True)
+    peak = _matmul_peak()
+    print(f"float32 2048^2 matmul here: {peak / 1e9:.1f} GFLOP/s; wall {time.time() - t_start:.0f} s")
+
+    def col(impl, res, batch, pp, key):
+        return [r[key] for r in sorted(rows, key=lambda r: r["rep"]) if (r["impl"], r["res"], r["batch"], r["pp"]) == (
+            impl,
+            res,
+            batch,
+            pp,
+        )]
+
+    print()
+    print("s/step: mean (min-max) over the repeats; ours/ref: ratio of the means (range of per-repeat ratios);")
+    print("extra MB: peak RSS during training over the RSS after encoding, mean of the repeats; params: trainable.")
     print(
-        f"{'res':>4} {'batch':>5} {'prior':>5} | {'ours s/step':>11} {'ref s/step':>10} {'ratio':>6} | "
-        f"{'ours MB':>8} {'ref MB':>7} {'ratio':>6} | {'GFLOP/step':>10} {'ref %peak':>9}"
+        f"{'res':>4} {'batch':>5} {'prior':>5} | {'ours s/step':>21} {'ref s/step':>21} {'ours/ref':>16} | "
+        f"{'ours MB':>7} {'ref MB':>7} | {'params ours/ref':>17} | {'GFLOP/step':>10} {'ref %peak':>9}"
     )
-    by = {(r["impl"], r["res"], r["batch"], r["pp"]): r for r in rows}
-    for res in (64, 128):
-        for batch in (1, 4):
-            for pp in (False, True):
-                o, f = by["ours", res, batch, pp], by["ref", res, batch, pp]
-                flops = by["ref", res, 1, pp].get("flops", 0) * batch  # FLOPs scale with the batch
-                print(
-                    f"{res:>4} {batch:>5} {str(pp):>5} | {o['s_per_step']:>11.3f} {f['s_per_step']:>10.3f} "
-                    f"{o['s_per_step'] / f['s_per_step']:>6.2f} | {o['peak_rss_mb']:>8.0f} {f['peak_rss_mb']:>7.0f} "
-                    f"{o['peak_rss_mb'] / f['peak_rss_mb']:>6.2f} | {flops / 1e9:>10.2f} "
-                    f"{100 * flops / f['s_per_step'] / peak:>8.1f}%"
-                )
+    for res, batch, pp in configs:
+        o, f = col("ours", res, batch, pp, "s_per_step"), col("ref", res, batch, pp, "s_per_step")
+        om, fm = col("ours", res, batch, pp, "extra_mb"), col("ref", res, batch, pp, "extra_mb")
+        op, fp = col("ours", res, batch, pp, "trainable")[0], col("ref", res, batch, pp, "trainable")[0]
+        flops = [r["flops"] for r in rows if (r["impl"], r["res"], r["batch"], r["pp"]) == ("ref", res, 1, pp)]
+        flops = flops[0] * batch if flops else 0.0  # FLOPs scale with the batch
+        mean_ref = sum(f) / len(f)
+        print(
+            f"{res:>4} {batch:>5} {str(pp):>5} | {fmt_spread(o):>21} {fmt_spread(f):>21} {ratio_spread(o, f):>16} | "
+            f"{sum(om) / len(om):>7.1f} {sum(fm) / len(fm):>7.1f} | {f'{op / 1e6:.3f}M/{fp / 1e6:.3f}M':>17} | "
+            f"{flops / 1e9:>10.2f} {100 * flops / mean_ref / peak:>8.1f}%"
+        )
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])))))
-    else:
-        main()
+    main()

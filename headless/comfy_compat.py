@@ -19,6 +19,11 @@ comparing version numbers:
   prompts it receives) on the server object, so a headless import logs "IMPORT FAILED:
   nodes_replacements.py" with a hint to reinstall requirements. Nothing is missing: that file defines no
   nodes, and headless runs receive no prompts through the server. Left as ComfyUI logs it.
+- Flux: 0.33's ``FluxParams`` has a required field ``txt_ids_dims`` (its detection gives Flux.1 ``[]``);
+  0.3.75's rejects it. A Flux config built in code gets it where the class declares it
+  (``flux_unet_config``).
+- The loader's model patcher: 0.33 wraps checkpoints in ``CoreModelPatcher`` (today an alias of
+  ``ModelPatcher``); 0.3.75 has only ``ModelPatcher`` (``checkpoint_model_patcher_class``).
 - 0.33 imports torchaudio at start-up (``scripts/setup.sh`` installs it), and its requirements pin
   a newer web frontend (``comfyui-frontend-package`` 1.49.6 instead of 1.32.9), hence one venv per
   version (``scripts/comfyui_env.sh``).
@@ -56,3 +61,25 @@ def input_defaults(node_class: Any) -> dict[str, Any]:
             if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
                 defaults[name] = spec[1]["default"]
     return defaults
+
+
+# Keys of Flux.1's transformer config that newer ComfyUI versions require, with the values their detection
+# gives a Flux.1 checkpoint.
+_FLUX1_NEWER_KEYS = {"txt_ids_dims": []}
+
+
+def flux_unet_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Return a Flux.1 transformer config plus the keys this ComfyUI's ``FluxParams`` declares beyond it."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    declared = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {**config, **{k: v for k, v in _FLUX1_NEWER_KEYS.items() if k in declared and k not in config}}
+
+
+def checkpoint_model_patcher_class():
+    """Return the class ComfyUI's checkpoint loader wraps a diffusion model in."""
+    import comfy.model_patcher
+
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)

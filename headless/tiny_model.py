@@ -41,18 +41,29 @@ UNET_CONFIG = dict(
 
 
 def _initialise(module) -> None:
-    """Give every parameter a proper value: torch's default init, norms to (1, 0)."""
+    """Give every parameter a proper value: torch's default init, norms to (1, 0).
+
+    Norms that are not torch classes (Flux's RMSNorm ``scale``, T5's ``T5LayerNorm``: any module whose
+    class name ends in ``Norm``) get the same identity values.
+    """
     import torch
 
+    bases = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding)
+    if hasattr(torch.nn, "RMSNorm"):  # torch >= 2.4; ComfyUI 0.33's ops subclass it
+        bases += (torch.nn.RMSNorm,)
     with torch.no_grad():
         for p in module.parameters():
             p.fill_(float("nan"))
         for m in module.modules():
-            for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding):
+            for base in bases:
                 if isinstance(m, base):
                     # Call the torch class's own reset: ComfyUI's ops override it with a no-op.
                     base.reset_parameters(m)
                     break
+            else:
+                if type(m).__name__.endswith("Norm"):
+                    for name, p in m.named_parameters(recurse=False):
+                        p.fill_(0.0 if name == "bias" else 1.0)
         for name, p in module.named_parameters():
             if name.endswith("vae_scale"):
                 p.fill_(1.0)

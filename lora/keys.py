@@ -226,20 +226,31 @@ def split_module_path(underscored: str) -> str:
 def kohya_name(prefix: str, path: str) -> str:
     """Return the kohya module name ``<prefix>_<path with . replaced by _>``.
 
-    Text-encoder paths missing the ``text_model.`` level (transformers 5 ``CLIPTextModel``) get it inserted so
-    names follow the kohya/A1111 convention ``lora_te_text_model_encoder_layers_N_...``.
+    Text-encoder paths (``lora_te*`` prefixes) are put into the kohya/A1111 form first (:func:`text_encoder_path`),
+    so names follow the convention ``lora_te_text_model_encoder_layers_N_...``.
 
     Returns:
         The kohya name.
     """
     if prefix.startswith("lora_te"):
-        path = _with_text_model(path)
+        path = text_encoder_path(path)
     return f"{prefix}_{path.replace('.', '_')}"
 
 
-def _with_text_model(path: str) -> str:
-    # Only CLIP paths: T5 paths also start with "encoder." but continue with "block", which is left alone.
-    if re.match(r"^(encoder\.layers\.\d+|embeddings|final_layer_norm)(\.|$)", path):
+def text_encoder_path(path: str) -> str:
+    """Return a CLIP text-encoder module path in the kohya/A1111 form ``text_model.encoder.layers.N...``.
+
+    transformers 5 dropped ``text_model.`` from ``CLIPTextModel``'s module names, and ComfyUI and peft add their own
+    prefixes (``clip_l.transformer.``, ``base_model.model.``); the convention starts at ``text_model.``. So a dotted
+    path is cut to start at ``encoder.layers.`` and ``text_model.`` is put before it, and a path that starts at
+    ``embeddings`` or ``final_layer_norm`` gets ``text_model.`` too. An underscore path (a kohya name's tail) that
+    starts at ``encoder_layers_N``, ``embeddings`` or ``final_layer_norm`` gets ``text_model_``. Other paths (T5's
+    ``encoder.block...``, paths already in the form) are returned as they are.
+    """
+    index = path.find("encoder.layers.")
+    if index >= 0:
+        return "text_model." + path[index:]
+    if re.match(r"^(embeddings|final_layer_norm)(\.|$)", path):
         return "text_model." + path
     if re.match(r"^(encoder_layers_\d+|embeddings|final_layer_norm)(_|$)", path):
         return "text_model_" + path
@@ -316,7 +327,7 @@ def _component(mod: str, te_names: dict[str, str]) -> tuple[str, str]:
     if m and "." not in mod:
         prefix, path = m.group(1), m.group(2)
         if prefix.startswith("lora_te"):
-            path = _with_text_model(path)
+            path = text_encoder_path(path)
         return prefix, path
     if mod.startswith("lycoris_") and "." not in mod:
         # LyCORIS on a diffusers UNet; ComfyUI maps lycoris_<path> exactly like lora_unet_<path>.

@@ -310,7 +310,7 @@ def describe(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, sou
     Raises:
         ValueError, keys.DamagedLoraError: as :func:`read_modules`.
     """
-    from . import identity
+    from . import families, identity
     from . import metadata as md
 
     mods = read_modules(sd, source=source)
@@ -319,7 +319,7 @@ def describe(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, sou
         algos.append("dora")
     ranks = sorted({m.rank for m in mods.values() if m.rank is not None})
     alphas = sorted({m.effective_alpha for m in mods.values() if m.rank is not None})
-    family = identity.family_from_shapes(_shape_stand_ins(mods)) or md.family_from_metadata(metadata)
+    family = identity.family_from_shapes(_shape_stand_ins(mods)) or families.family_from_metadata(metadata)
     return {
         "format": "lycoris",
         "algorithm": "+".join(algos),

@@ -1,8 +1,8 @@
-"""LoRA file metadata: kohya ``ss_*`` keys, ``modelspec.*`` keys and our own ``lora_workbench.*`` keys.
+"""LoRA file metadata, written and read: kohya ``ss_*``, ``modelspec.*`` and our own ``lora_workbench.*`` keys.
 
 All values are strings (safetensors stores only strings); structured values are JSON. Readers accept what
-kohya's sd-scripts, the SAI model spec and this package write, so trigger words and the base family of files
-from other trainers show up too.
+kohya's sd-scripts, the SAI model spec and this package write, so trigger words and training settings of files
+from other trainers show up too. The keys that name the base family, and telling it, are :mod:`lora.families`'.
 """
 
 from __future__ import annotations
@@ -14,34 +14,10 @@ from typing import Any
 
 import torch
 
-from . import identity
+from . import families
 from .state import LoraState
 
 OURS = "lora_workbench."
-
-# family -> (kohya ss_base_model_version, modelspec architecture, modelspec implementation, resolution)
-FAMILIES: dict[str, tuple[str, str, str, str]] = {
-    "sd1": ("sd_v1", "stable-diffusion-v1", "diffusers", "512x512"),
-    "sd2": ("sd_v2", "stable-diffusion-v2-512", "diffusers", "512x512"),
-    "sdxl": (
-        "sdxl_base_v1-0",
-        "stable-diffusion-xl-v1-base",
-        "https://github.com/Stability-AI/generative-models",
-        "1024x1024",
-    ),
-    "sd3": ("sd3", "stable-diffusion-3-medium", "https://github.com/Stability-AI/SD3.5", "1024x1024"),
-    "flux": ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux", "1024x1024"),
-}
-
-# Prefix tests on lower-cased values, most specific first.
-_SS_VERSION_TO_FAMILY = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd3", "sd3"), ("flux", "flux"))
-_ARCH_TO_FAMILY = (
-    ("stable-diffusion-xl", "sdxl"),
-    ("stable-diffusion-v2", "sd2"),
-    ("stable-diffusion-v1", "sd1"),
-    ("stable-diffusion-3", "sd3"),
-    ("flux", "flux"),
-)
 
 _KOHYA_SETTINGS = (
     "ss_learning_rate",
@@ -144,22 +120,22 @@ def build_metadata(
         if alpha is _UNSET:
             alpha = next(iter(alphas)) if len(alphas) == 1 else None
         if base_family is _UNSET:
-            base_family = _find_family(state, {**state.metadata, **meta})
+            base_family = families.base_family(state, {**state.metadata, **meta})
     if rank is _UNSET:
         rank = None
     if alpha is _UNSET:
         alpha = float(rank) if rank is not None else None
     if base_family is _UNSET:
-        base_family = family_from_metadata(meta)
-    if base_family is not None and base_family not in FAMILIES:
-        raise ValueError(f"unknown base family '{base_family}'; expected one of {sorted(FAMILIES)}")
+        base_family = families.family_from_metadata(meta)
+    if base_family is not None and base_family not in families.FAMILIES:
+        raise ValueError(f"unknown base family '{base_family}'; expected one of {sorted(families.FAMILIES)}")
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if trigger_words is None:
         # Only explicit trigger words carry over; kohya's tag counts are a guess, not something to write down.
         words = _find_trigger_words(meta, max_tags=0)
     else:
-        words = _dedupe(w.strip() for w in trigger_words if w and w.strip())
+        words = dedupe_words(trigger_words)
     dim = "Dynamic" if rank is None else str(rank)
     alpha_s = "Dynamic" if alpha is None else _fmt_num(alpha)
     date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
@@ -189,13 +165,7 @@ def build_metadata(
     if description:
         meta["modelspec.description"] = description
     if base_family is not None:
-        ss_version, arch, impl, res = FAMILIES[base_family]
-        meta["ss_base_model_version"] = ss_version
-        meta["ss_v2"] = str(base_family == "sd2")
-        meta["modelspec.architecture"] = f"{arch}/lora"
-        meta["modelspec.implementation"] = impl
-        meta["modelspec.resolution"] = res
-        meta[OURS + "base_family"] = base_family
+        meta.update(families.family_metadata(base_family))
     if training_settings is not None:
         meta[OURS + "training_settings"] = json.dumps(dict(training_settings), sort_keys=True)
     if merge_recipe is not None:
@@ -205,12 +175,15 @@ def build_metadata(
     return meta
 
 
-def _dedupe(words: Iterable[str]) -> list[str]:
+def dedupe_words(words: Iterable[str]) -> list[str]:
+    """Return trigger words stripped, empty ones dropped, deduplicated case-insensitively (first spelling and order
+    kept): the one rule for trigger words, within a file and across the LoRAs of a stack."""
     seen: set[str] = set()
     out: list[str] = []
-    for w in words:
+    for word in words:
+        w = word.strip()
         k = w.casefold()
-        if k not in seen:
+        if w and k not in seen:
             seen.add(k)
             out.append(w)
     return out
@@ -253,59 +226,7 @@ def trigger_words(metadata: Mapping[str, str], *, max_tags: int = 5) -> list[str
                         counts[t] = counts.get(t, 0) + int(n)
         # sorted() is stable, so equal counts keep their first-seen order.
         words += sorted(counts, key=lambda t: -counts[t])[:max_tags]
-    return _dedupe(w.strip() for w in words if w.strip())
-
-
-def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    """Return the base family a file's metadata claims (ours, kohya's, the model spec's), or None."""
-    ours = metadata.get(OURS + "base_family")
-    if ours in FAMILIES:
-        return ours
-    ver = (metadata.get("ss_base_model_version") or "").lower()
-    for lead, fam in _SS_VERSION_TO_FAMILY:
-        if ver.startswith(lead):
-            return fam
-    arch = (metadata.get("modelspec.architecture") or "").lower()
-    for lead, fam in _ARCH_TO_FAMILY:
-        if arch.startswith(lead):
-            return fam
-    if (metadata.get("ss_v2") or "").lower() == "true":
-        return "sd2"
-    return None
-
-
-def base_family(sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str | None:
-    """Return the base model family of a LoRA: from its tensor shapes, else from what its metadata claims.
-
-    Shapes decide (:func:`identity.family_from_shapes`: cross-attention context width, the text encoders and their
-    widths, Flux/SD3 block names); shared files often carry wrong metadata, so it is only a hint, used when the
-    shapes cannot tell (e.g. a UNet-only file without cross-attention modules).
-
-    Returns:
-        ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or None when it cannot be told.
-    """
-    meta = metadata if metadata is not None else (sd.metadata if isinstance(sd, LoraState) else {})
-    return family_from_tensors(sd) or family_from_metadata(meta)
-
-
-def family_from_tensors(sd: LoraState | Mapping[str, torch.Tensor]) -> str | None:
-    """Return the family told by a LoRA's tensor shapes alone, or None (also for a dict that is no readable LoRA)."""
-    from . import keys
-
-    if not isinstance(sd, LoraState):
-        try:
-            sd = keys.state_from_dict(sd, canonical=False)
-        except ValueError:
-            return None
-    return identity.family_from_shapes(sd.modules)
-
-
-def family_disagreement(sd: LoraState | Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str | None:
-    """Return a warning when the metadata claims another family than the tensor shapes show, else None."""
-    claimed, shown = family_from_metadata(metadata), family_from_tensors(sd)
-    if claimed and shown and claimed != shown:
-        return f"its metadata says {claimed}, but its tensor shapes are {shown}'s; the shapes are used"
-    return None
+    return dedupe_words(words)
 
 
 def training_settings(metadata: Mapping[str, str]) -> dict[str, Any]:
@@ -375,7 +296,7 @@ def describe(
         "conv_modules": sum(1 for m in mods.values() if m.is_conv),
         "ranks": sorted(state.ranks),
         "alphas": sorted({m.effective_alpha for m in mods.values()}),
-        "family": base_family(state, meta),
+        "family": families.base_family(state, meta),
         "trigger_words": trigger_words(meta),
         "training_settings": training_settings(meta),
         "extras": sorted(state.extras),
@@ -384,6 +305,5 @@ def describe(
     }
 
 
-# build_metadata's keyword arguments shadow these two functions' names inside it.
-_find_family = base_family
+# build_metadata's keyword argument shadows this function's name inside it.
 _find_trigger_words = trigger_words

@@ -6,21 +6,16 @@ import logging
 
 from comfy_api.latest import io
 
+from ..lora import metadata as lora_metadata
 from ..lora import scale as lora_scale
 from ..lora.stack import normalize_stack
 from .adapter_dict import metadata_of, source_of
 from .files import read_lora
-from .patching import LoraToApply, apply_loras, format_report, model_family
+from .model_family import model_family
+from .patching import LoraToApply, apply_loras, format_report
 from .types import CATEGORY_INFERENCE, LoraModel, LoraStack
 
 log = logging.getLogger(__name__)
-
-
-def _dedupe(words: list[str]) -> list[str]:
-    seen: dict[str, None] = {}
-    for w in words:
-        seen.setdefault(w.strip(), None)
-    return [w for w in seen if w]
 
 
 class ApplyLoraStackNode(io.ComfyNode):
@@ -110,5 +105,5 @@ class ApplyLoraStackNode(io.ComfyNode):
         warning = lora_scale.strength_warning(total)
         if warning:
             log.warning("Apply LoRA Stack: %s", warning)
-        trigger_words = ", ".join(_dedupe([w for a in applied for w in a.trigger_words]))
+        trigger_words = ", ".join(lora_metadata.dedupe_words(w for a in applied for w in a.trigger_words))
         return io.NodeOutput(model, clip, trigger_words, format_report(applied, total, warning))

@@ -73,6 +73,11 @@ class LoadLoraNode(io.ComfyNode):
         return io.NodeOutput(LoraTensors(tensors, metadata, source=lora_name))
 
 
+def _is_scalar_key(key: str) -> bool:
+    """Return True for the keys whose values (not only shapes) describing or matching a LoRA reads."""
+    return key.endswith((".alpha", ".reshape_weight"))
+
+
 class LoraInfoNode(io.ComfyNode):
     """Rank, alpha, base family, trigger words, training settings, and what matches a MODEL/CLIP."""
 
@@ -89,14 +94,11 @@ class LoraInfoNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name, model=None, clip=None) -> io.NodeOutput:
-        if model is None and clip is None:
-            # Describing needs shapes, metadata and alphas only: the header and the alpha scalars.
-            path = resolve_lora_path(lora_name)
-            tensors, metadata = safeio.read_header(
-                path, display=display_name(lora_name), load=lambda key: key.endswith(".alpha")
-            )
-        else:
-            _, tensors, metadata = read_lora(lora_name)
+        # Describing and matching need names, shapes, metadata and scalars only: the header, plus the alphas and
+        # reshape targets ComfyUI reads as numbers while it builds patches; the weights stay on disk.
+        tensors, metadata = safeio.read_header(
+            resolve_lora_path(lora_name), display=display_name(lora_name), load=_is_scalar_key
+        )
         text = format_info(lora_name, lora_metadata.describe(tensors, metadata, source=display_name(lora_name)))
         if model is not None or clip is not None:
             text += "\n" + _match_summary(tensors, model, clip)

@@ -21,32 +21,16 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.utils
 
+from ..lora import families as lora_families
 from ..lora import identity as lora_identity
 from ..lora import keys as lora_keys
 from ..lora import metadata as lora_metadata
 from ..lora import scale as lora_scale
 from ..lora import state as lora_state
+from .model_family import model_family
 
 log = logging.getLogger(__name__)
 
-# ComfyUI model classes (model_config) -> the family names lora.metadata uses.
-_FAMILY_BY_MODEL_CLASS = {
-    "SD15": "sd1",
-    "SD15_instructpix2pix": "sd1",
-    "SD20": "sd2",
-    "SD21UnclipL": "sd2",
-    "SD21UnclipH": "sd2",
-    "SDXL": "sdxl",
-    "SDXLRefiner": "sdxl",
-    "SDXL_instructpix2pix": "sdxl",
-    "SSD1B": "sdxl",
-    "Segmind_Vega": "sdxl",
-    "KOALA_700M": "sdxl",
-    "KOALA_1B": "sdxl",
-    "SD3": "sd3",
-    "Flux": "flux",
-    "FluxSchnell": "flux",
-}
 _UNMATCHED_PREFIX = "lora key not loaded: "
 
 
@@ -103,12 +87,6 @@ class _Target:
             except AttributeError:
                 continue
         return None
-
-
-def model_family(model) -> str | None:
-    """Return the base family ("sd1", "sdxl", ...) of a ComfyUI MODEL, or None when unknown."""
-    config = getattr(getattr(model, "model", None), "model_config", None)
-    return _FAMILY_BY_MODEL_CLASS.get(type(config).__name__) if config is not None else None
 
 
 class _CollectUnmatched(logging.Filter):
@@ -238,7 +216,7 @@ def _plan(item: LoraToApply, target: _Target) -> tuple[dict, list[str], AppliedL
         return patches, unmatched, report
     state, unreadable = _read_state(item)
     if state is not None:
-        warning = lora_metadata.family_disagreement(state, item.metadata)
+        warning = lora_families.family_disagreement(state, item.metadata)
         if warning:
             report.warnings.append(warning)
         mapped = _names_comfy_maps(state, target.key_map)
@@ -271,7 +249,7 @@ def _comfy_reading_suffices(item: LoraToApply, patches: dict, target: _Target) -
     """
     if lora_keys.alphas_in_header(item.tensors, item.metadata):
         return False
-    claimed = lora_metadata.family_from_metadata(item.metadata)
+    claimed = lora_families.family_from_metadata(item.metadata)
     if claimed is not None and claimed != target.family:
         return False
     for key, patch in patches.items():

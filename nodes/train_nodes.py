@@ -16,7 +16,7 @@ from ..trainer.config import TrainConfig
 from ..trainer.dataset import DEFAULT_TEMPLATE, DatasetOptions, folder_signature, load_image_folder
 from ..trainer.loss_plot import plot_losses
 from .adapter_dict import LoraTensors
-from .comfy_backend import ComfyModelApi, ldm_to_diffusers_names
+from .comfy_backend import ComfyModelApi
 from .patching import LoraToApply, apply_loras
 from .progress import TrainingProgress
 from .types import CATEGORY_TRAINING, Dataset, LoraModel
@@ -106,6 +106,7 @@ OPTIONAL_SETTINGS = (
     "grad_accumulation",
     "min_snr_gamma",
     "noise_offset",
+    "timestep_sampling",
     "te_learning_rate",
     "custom_targets",
 )
@@ -241,7 +242,7 @@ class TrainLoraNode(io.ComfyNode):
         # The executor runs nodes under torch.inference_mode; training needs autograd.
         with torch.inference_mode(False), torch.enable_grad(), progress.reporting_failures():
             api = ComfyModelApi(model, clip, vae, train_text_encoder=config.train_text_encoder)
-            names = ldm_to_diffusers_names(model)
+            names = api.unet_name_map
             result = loop.train(
                 api,
                 dataset,
@@ -258,6 +259,7 @@ class TrainLoraNode(io.ComfyNode):
             lora_metadata.build_metadata(
                 state,
                 output_name=run_name,
+                base_family=api.family,
                 trigger_words=[dataset.options.trigger],
                 training_settings={
                     **config.to_dict(),

@@ -11,11 +11,35 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-TARGET_PRESETS = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
-    "all_linear": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+# Module-name suffixes per preset and denoiser architecture: the UNets of SD1/SD2/SDXL (diffusers and ComfyUI's
+# ldm UNet share these names), Flux's double/single-stream transformer, and SD3's MMDiT (as ComfyUI names them).
+TARGET_PRESETS_BY_ARCHITECTURE = {
+    "unet": {
+        "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+        "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+        "all_linear": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    },
+    # A single-stream block fuses attention and MLP in linear1 (qkv + MLP in) and linear2 (out + MLP out).
+    "flux": {
+        "attention": ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
+        "attention+ff": (
+            *("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
+            *("img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2"),
+        ),
+        "all_linear": (
+            *("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
+            *("img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2", "img_mod.lin", "txt_mod.lin", "modulation.lin"),
+        ),
+    },
+    "mmdit": {
+        "attention": ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj"),
+        "attention+ff": ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2"),
+        "all_linear": (
+            *("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"),
+        ),
+    },
 }
+TARGET_PRESETS = TARGET_PRESETS_BY_ARCHITECTURE["unet"]
 # CLIP projections (transformers and ComfyUI's CLIP share these names); the MLP only with the ff presets.
 TEXT_ENCODER_TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
@@ -24,6 +48,7 @@ TEXT_ENCODER_TARGETS = {
 }
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal")
 
 
 def _f(default, help_text: str, **kw):
@@ -87,6 +112,12 @@ class TrainConfig:
     class_images_dir: str = _f("", "Folder of class images to use instead of generating them.")
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is common); 0 turns it off.", min=0.0, max=20.0)
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0 turns it off.", min=0.0, max=1.0)
+    timestep_sampling: str = _f(
+        "auto",
+        "How training noise levels are drawn: auto (uniform for SD1/SD2/SDXL, logit-normal for flow models such as "
+        "Flux and SD3, through the model's own shift), uniform, or logit_normal (most weight on middle levels).",
+        options=TIMESTEP_SAMPLINGS,
+    )
     caption_dropout: float = _f(
         0.0,
         "Probability of training an image with an empty caption (helps the LoRA work without the trigger); "
@@ -135,8 +166,20 @@ class TrainConfig:
     @property
     def target_modules(self) -> tuple[str, ...]:
         """Return the module-name suffixes the UNet LoRA targets: ``custom_targets`` if given, else the preset's."""
+        return self.targets_for("unet")
+
+    def targets_for(self, architecture: str) -> tuple[str, ...]:
+        """Return the suffixes the denoiser LoRA targets in an architecture ("unet", "flux" or "mmdit").
+
+        Raises:
+            ValueError: an architecture without presets (and no ``custom_targets``).
+        """
         custom = tuple(t.strip() for t in self.custom_targets.split(",") if t.strip())
-        return custom or TARGET_PRESETS[self.target]
+        if custom:
+            return custom
+        if architecture not in TARGET_PRESETS_BY_ARCHITECTURE:
+            raise ValueError(f"no target presets for a '{architecture}' denoiser: name its layers in custom_targets")
+        return TARGET_PRESETS_BY_ARCHITECTURE[architecture][self.target]
 
     @property
     def text_encoder_targets(self) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
+from ..lora import keys as lora_keys
 from ..lora.state import LoraModule, LoraState
 
 ADAPTER = "default"
@@ -34,7 +35,7 @@ def _targets(module: torch.nn.Module, suffixes: Iterable[str]) -> dict[str, torc
 def inject_lora(
     module: torch.nn.Module, target_modules: Iterable[str], rank: int, alpha: float, dropout: float = 0.0
 ) -> list[str]:
-    """Add trainable LoRA layers (peft) to every matching layer and freeze everything else.
+    """Add trainable float32 LoRA layers (peft) to every matching layer and freeze everything else.
 
     Matching follows peft's ``target_modules`` rule: a layer's dotted path equals an entry or ends with
     ``"." + entry``; only ``nn.Linear`` and ``nn.Conv2d`` layers are wrapped. peft draws ``lora_A`` from torch's
@@ -72,6 +73,9 @@ def inject_lora(
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets), bias="none")
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     for p in lora_parameters(module):
+        # peft gives the LoRA layers the base layer's dtype; they train in float32 whatever the base's (fp16,
+        # bf16, fp8), and peft casts their input and result around them.
+        p.data = p.data.float()
         p.requires_grad_(True)
     return sorted(targets)
 
@@ -100,7 +104,7 @@ def named_lora_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def export_state(
     module: torch.nn.Module,
-    prefix: str,
+    prefix: str | Callable[[str], str],
     name_map: Callable[[str], str] | Mapping[str, str] | None = None,
     alpha: float | None = None,
 ) -> LoraState:
@@ -108,8 +112,9 @@ def export_state(
 
     Args:
         module: a module with injected LoRA layers.
-        prefix: ``lora_unet`` or ``lora_te``; with ``lora_te`` the path is also put into the kohya/A1111 text-encoder
-            form ``text_model.encoder.layers.N...`` (see ``text_encoder_path``).
+        prefix: ``lora_unet`` or ``lora_te``, or a function giving the prefix of a module path (SDXL's two text
+            encoders: ``lora_te1`` and ``lora_te2``); with a ``lora_te...`` prefix the path is also put into the
+            kohya/A1111 text-encoder form ``text_model.encoder.layers.N...`` (``lora.keys.kohya_name``).
         name_map: translates a module path first (a function or a dict; paths missing from a dict stay as they
             are), e.g. ComfyUI's ldm UNet paths to the diffusers paths kohya names are built from.
         alpha: the alpha to record; None takes the alpha peft was configured with (the config's, never the rank).
@@ -136,9 +141,7 @@ def export_state(
         down = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
         up = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
         mapped = mapper(path)
-        if prefix.startswith("lora_te"):
-            mapped = text_encoder_path(mapped)
-        name = f"{prefix}_{mapped.replace('.', '_')}"
+        name = lora_keys.kohya_name(prefix(path) if callable(prefix) else prefix, mapped)
         if name in modules:
             raise ValueError(f"two LoRA layers map to the kohya name '{name}' (the second is '{path}')")
         layer_alpha = float(alpha) if alpha is not None else float(layer.lora_alpha[ADAPTER])
@@ -167,13 +170,3 @@ def remove_adapter(module: torch.nn.Module) -> None:
 
 
 remove_lora = remove_adapter  # the earlier name, kept for callers written against it
-
-
-def text_encoder_path(path: str) -> str:
-    """Return the kohya/A1111 text-encoder path (``text_model.encoder.layers.N...``) of a module path.
-
-    transformers 5 dropped ``text_model.`` from CLIPTextModel's module names and ComfyUI adds its own
-    prefixes (``clip_l.transformer.``); the convention starts at ``text_model.encoder``.
-    """
-    index = path.find("encoder.layers.")
-    return "text_model." + path[index:] if index >= 0 else path

@@ -26,7 +26,7 @@ import torch
 
 from ..lora.state import LoraState
 from . import checkpoint as ckpt
-from . import inject, objective, run_record
+from . import conds, inject, objective, run_record
 from .config import TrainConfig
 from .dataset import ImageDataset, crop_window
 
@@ -106,26 +106,45 @@ def _make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups)
 
 
-def _enable_gradient_checkpointing(module: torch.nn.Module) -> Callable[[], None]:
-    """Turn on activation recomputation in ``module``; return a function that turns it off again."""
-    if hasattr(module, "enable_gradient_checkpointing"):
+def _on_copies(forward, *args, **kwargs):
+    """Run ``forward`` on copies of its tensor arguments.
+
+    Some blocks add to their input in place (Flux's ``x += ...``); the checkpoint keeps that input to recompute
+    the block, and would find it changed.
+    """
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return forward(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
+
+
+def _enable_gradient_checkpointing(
+    module: torch.nn.Module, blocks=None, copy_inputs: bool = False
+) -> Callable[[], None]:
+    """Turn on activation recomputation in ``module``; return a function that turns it off again.
+
+    ``blocks``: the modules to recompute in the backward pass (the model says which: ``ModelApi.checkpoint_blocks``);
+    without them the module's own switch is used (diffusers), else each ``BasicTransformerBlock``.
+    ``copy_inputs``: the blocks change their inputs in place, so each runs on copies (``_on_copies``).
+    """
+    if blocks is None and hasattr(module, "enable_gradient_checkpointing"):
         was_on = bool(getattr(module, "is_gradient_checkpointing", False))
         module.enable_gradient_checkpointing()
         return (lambda: None) if was_on else module.disable_gradient_checkpointing
-    # ComfyUI's ldm UNet has no switch: recompute each transformer block in the backward pass.
+    if blocks is None:
+        blocks = [m for m in module.modules() if type(m).__name__ == "BasicTransformerBlock"]
     patched = []
-    for m in module.modules():
-        if type(m).__name__ == "BasicTransformerBlock" and "forward" not in m.__dict__:
+    for m in blocks:
+        if "forward" in m.__dict__:
+            continue  # already wrapped by someone else: leave it as it is
 
-            def checkpointed(*args, _forward=m.forward, **kwargs):
-                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        def checkpointed(*args, _forward=m.forward, **kwargs):
+            if copy_inputs:
+                return torch.utils.checkpoint.checkpoint(_on_copies, _forward, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-            m.forward = checkpointed
-            patched.append(m)
+        m.forward = checkpointed
+        patched.append(m)
     if not patched:
-        log.warning(
-            "gradient checkpointing: %s has no switch and no transformer blocks; not used", type(module).__name__
-        )
+        log.warning("gradient checkpointing: no block of %s to recompute; not used", type(module).__name__)
 
     def undo() -> None:
         for m in patched:
@@ -238,6 +257,11 @@ def train(
     if config.train_text_encoder and te is None:
         raise ValueError("TrainConfig.train_text_encoder = True, but the model gives no text encoder to train")
 
+    if config.min_snr_gamma and model_api.schedule.prediction_type == "flow":
+        raise ValueError(
+            f"TrainConfig.min_snr_gamma = {config.min_snr_gamma:g}: min-SNR weights DDPM noise levels; this is a "
+            "flow-matching model (set it to 0)"
+        )
     identity = model_api.identity() if hasattr(model_api, "identity") else {"model": model_api.fingerprint()}
     record = run_record.make_record(config.to_dict(), dataset.identity(), identity)
     notes: list[str] = []
@@ -259,6 +283,12 @@ def train(
             fingerprint=run_record.combined(identity),
         )
 
+    # Images and (with a frozen text encoder) prompts are encoded before the model is prepared for training:
+    # the VAE and text encoders do their work first and may then make room for the denoiser.
+    data = _EncodedData(model_api, dataset, config, te, class_pixels)
+    prepare = getattr(model_api, "prepare_for_training", None)
+    if prepare is not None:
+        prepare(config.batch_size * (2 if class_pixels is not None else 1))
     modules = [m for m in (model_api.unet, te) if m is not None]
     was_training = [m.training for m in modules]
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -268,8 +298,9 @@ def train(
         undo_checkpointing = None
         try:
             torch.manual_seed(config.seed)  # peft initialises lora_A from the global generator
+            architecture = getattr(model_api, "architecture", "unet")
             inject.inject_lora(
-                model_api.unet, config.target_modules, config.rank, config.effective_alpha, config.dropout
+                model_api.unet, config.targets_for(architecture), config.rank, config.effective_alpha, config.dropout
             )
             if te is not None:
                 inject.inject_lora(
@@ -280,10 +311,10 @@ def train(
                     config.dropout,
                 )
             if config.gradient_checkpointing:
-                undo_checkpointing = _enable_gradient_checkpointing(model_api.unet)
-            run = _Run(
-                model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels, unet_name_map, started
-            )
+                blocks = model_api.checkpoint_blocks() if hasattr(model_api, "checkpoint_blocks") else None
+                copy_inputs = getattr(model_api, "blocks_change_inputs", False)
+                undo_checkpointing = _enable_gradient_checkpointing(model_api.unet, blocks, copy_inputs)
+            run = _Run(model_api, data, config, callbacks, checkpoint_dir, te, device, unet_name_map, started)
             run.record = record
             result = run.run(resume)
             result.notes = notes + result.notes
@@ -296,6 +327,9 @@ def train(
             if not keep_layers:
                 for m in modules:
                     inject.remove_adapter(m)
+            end = getattr(model_api, "end_training", None)
+            if end is not None:
+                end()
             random.setstate(py_state)
             np.random.set_state(np_state)
 
@@ -323,32 +357,12 @@ def _plan_resume(folder: Path, resume: bool, record: dict, notes: list[str]) -> 
     return False
 
 
-class _Run:
-    """The state of one training run between injection and removal (kept together so checkpoints see it all)."""
+class _EncodedData:
+    """What the frozen VAE and text encoder give once: latents of every image (and mirror), class latents per image
+    size, and the conditioning of every prompt when the text encoder is not trained."""
 
-    record: dict | None = None
-
-    def __init__(
-        self, model_api, dataset, config, callbacks, checkpoint_dir, te, device, class_pixels, unet_name_map, started
-    ):
-        self.api, self.dataset, self.config, self.callbacks = model_api, dataset, config, callbacks
-        self.checkpoint_dir, self.te, self.device, self.started = checkpoint_dir, te, device, started
-        self.unet = model_api.unet
-        self.unet_name_map = unet_name_map
-        groups = [{"params": inject.lora_parameters(self.unet), "lr": config.learning_rate}]
-        if te is not None:
-            groups.append({"params": inject.lora_parameters(te), "lr": config.effective_te_learning_rate})
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = _make_optimizer(groups)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
-        self.dtype = _precision(config, device)
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype is torch.float16 else None
-        self.losses: list[float] = []
-        self.last_checkpoint: Path | None = None
-        self.last_checkpoint_step = 0
-        self.caption_dropout = config.caption_dropout or dataset.options.caption_dropout
-
+    def __init__(self, model_api, dataset, config, te, class_pixels):
+        self.dataset = dataset
         # Encode every image (and its mirror when flipping) once: the VAE is frozen. Random crops are cut
         # from the latents of the whole resized image, one latent pixel (8 image pixels) at a time.
         with torch.no_grad():
@@ -368,16 +382,55 @@ class _Run:
                     self.class_latents[(h, w)] = torch.cat(
                         [model_api.encode_images(fitted[i : i + 4]) for i in range(0, len(fitted), 4)]
                     )
-        self.frozen_cond: dict[str, torch.Tensor] = {}
+        self.frozen_cond: dict[str, conds.Cond] = {}
+        if te is None:
+            prompts = {e.caption for e in dataset.examples}
+            if config.caption_dropout or dataset.options.caption_dropout:
+                prompts.add("")
+            if class_pixels is not None:
+                prompts.add(self.class_prompt)
+            with torch.no_grad():
+                for p in sorted(prompts):
+                    self.frozen_cond[p] = conds.detached(model_api.encode_prompts([p]))
 
-    def cond_for(self, prompts: list[str]) -> torch.Tensor:
+
+class _Run:
+    """The state of one training run between injection and removal (kept together so checkpoints see it all)."""
+
+    record: dict | None = None
+
+    def __init__(
+        self, model_api, data: _EncodedData, config, callbacks, checkpoint_dir, te, device, unet_name_map, started
+    ):
+        self.api, self.dataset, self.config, self.callbacks = model_api, data.dataset, config, callbacks
+        self.data = data
+        self.checkpoint_dir, self.te, self.device, self.started = checkpoint_dir, te, device, started
+        self.unet = model_api.unet
+        self.unet_name_map = unet_name_map
+        groups = [{"params": inject.lora_parameters(self.unet), "lr": config.learning_rate}]
+        if te is not None:
+            groups.append({"params": inject.lora_parameters(te), "lr": config.effective_te_learning_rate})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = _make_optimizer(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.dtype = _precision(config, device)
+        # fp16 gradients underflow without loss scaling (fp16 autocast, or a base model ComfyUI keeps in fp16);
+        # bf16 has fp32's range and needs none.
+        fp16 = self.dtype is torch.float16 or getattr(model_api, "dtype", None) is torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 and device.type == "cuda" else None
+        self.losses: list[float] = []
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step = 0
+        self.caption_dropout = config.caption_dropout or data.dataset.options.caption_dropout
+
+    def cond_for(self, prompts: list[str]) -> conds.Cond:
         if self.te is not None:
             return self.api.encode_prompts(prompts)  # through the LoRA text encoder: gradients flow
         for p in prompts:
-            if p not in self.frozen_cond:
+            if p not in self.data.frozen_cond:
                 with torch.no_grad():
-                    self.frozen_cond[p] = self.api.encode_prompts([p])
-        return torch.cat([self.frozen_cond[p] for p in prompts])
+                    self.data.frozen_cond[p] = conds.detached(self.api.encode_prompts([p]))
+        return conds.concat([self.data.frozen_cond[p] for p in prompts])
 
     def write_checkpoint(self, step: int) -> None:
         if not self.checkpoint_dir:
@@ -430,7 +483,7 @@ class _Run:
 
     def latent_of(self, item) -> torch.Tensor:
         """Return the latents ``(1, C, h, w)`` of one batch item: mirrored as drawn, cropped where drawn."""
-        latents = (self.flipped if item.flip else self.latents)[item.index]
+        latents = (self.data.flipped if item.flip else self.data.latents)[item.index]
         example = self.dataset.examples[item.index]
         factor = example.data.shape[-1] / latents.shape[-1]  # the VAE's downscale (8 for SD, SDXL, Flux)
         h, w = round(example.size[0] / factor), round(example.size[1] / factor)
@@ -453,16 +506,21 @@ class _Run:
         n_instance = x0.shape[0]
         with _autocast(self.dtype, self.device):
             cond = self.cond_for(prompts)
-            if self.class_latents:
+            if self.data.class_latents:
                 # One forward pass over instance + class examples "to avoid doing two forward passes", as
                 # diffusers' DreamBooth script puts it; the loss is split again in dreambooth_loss.
-                pool = self.class_latents[self.dataset.examples[batch[0].index].size]
+                pool = self.data.class_latents[self.dataset.examples[batch[0].index].size]
                 pick = torch.randint(0, pool.shape[0], (n_instance,), generator=gen)
                 x0 = torch.cat([x0, pool[pick].to(self.device)])
-                class_cond = self.cond_for([self.class_prompt])
-                cond = torch.cat([cond, class_cond.expand(n_instance, *class_cond.shape[1:])])
+                cond = conds.concat([cond, conds.repeat(self.cond_for([self.data.class_prompt]), n_instance)])
             per_example = objective.per_example_loss(
-                self.api, x0, cond, gen, noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma
+                self.api,
+                x0,
+                cond,
+                gen,
+                noise_offset=config.noise_offset,
+                min_snr_gamma=config.min_snr_gamma,
+                timestep_sampling=config.timestep_sampling,
             )
             loss, _, _ = objective.dreambooth_loss(per_example, n_instance, config.prior_loss_weight)
         return loss
@@ -561,7 +619,8 @@ class _Run:
     def result(self, steps: int, reason: str) -> TrainResult:
         state = inject.export_state(self.unet, "lora_unet", self.unet_name_map, self.config.effective_alpha)
         if self.te is not None:
-            state.modules.update(inject.export_state(self.te, "lora_te", alpha=self.config.effective_te_alpha).modules)
+            prefix = getattr(self.api, "text_encoder_prefix", "lora_te")
+            state.modules.update(inject.export_state(self.te, prefix, alpha=self.config.effective_te_alpha).modules)
         return TrainResult(
             state, self.losses, steps, reason, self.last_checkpoint, self.resumed_from, time.monotonic() - self.started
         )

@@ -1,4 +1,5 @@
-"""The DreamBooth objective: noise-prediction loss with the model's own schedule, plus prior preservation."""
+"""The DreamBooth objective: the loss of the model family (epsilon, v or flow matching) with the model's own
+schedule, plus prior preservation."""
 
 from __future__ import annotations
 
@@ -66,35 +67,69 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     return noise
 
 
+def sample_timesteps(schedule, n: int, generator: torch.Generator, sampling: str = "auto") -> torch.Tensor:
+    """Return ``n`` training timesteps drawn from ``generator``, as the model family is trained.
+
+    DDPM schedules (epsilon, v): int64 steps in ``[0, T)``. Flow matching: float32 sigmas in ``[0, 1]``, where
+    ``u`` in ``(0, 1)`` is mapped through the model's own shift (``schedule.flow_sigma``). ``sampling``: "uniform"
+    draws ``u`` uniformly, "logit_normal" as ``sigmoid(N(0, 1))`` (SD3's and Flux's training, most weight on the
+    middle noise levels); "auto" is uniform for DDPM schedules and logit-normal for flow matching.
+
+    Raises:
+        ValueError: an unknown ``sampling``.
+    """
+    if sampling not in ("auto", "uniform", "logit_normal"):
+        raise ValueError(f"unknown timestep sampling '{sampling}' (auto, uniform or logit_normal)")
+    flow = schedule.prediction_type == "flow"
+    if sampling == "logit_normal" or (sampling == "auto" and flow):
+        u = torch.sigmoid(torch.randn(n, generator=generator))
+    elif flow:
+        u = torch.rand(n, generator=generator)
+    else:
+        return torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)
+    if flow:
+        return schedule.flow_sigma(u).float()
+    return (u * schedule.num_train_timesteps).long().clamp(max=schedule.num_train_timesteps - 1)
+
+
 def per_example_loss(
     model_api,
     latents: torch.Tensor,
-    cond: torch.Tensor,
+    cond,
     generator: torch.Generator,
     *,
     noise_offset: float = 0.0,
     min_snr_gamma: float = 0.0,
+    timestep_sampling: str = "auto",
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return the denoising MSE of each example ``(B,)``: one forward pass over the whole batch.
 
-    Timesteps and noise are drawn from ``generator`` unless given (evaluation on fixed noise). The target follows
-    the model's own schedule and prediction type (``model_api.schedule``); min-SNR weights apply when
-    ``min_snr_gamma`` > 0.
+    Timesteps (see ``sample_timesteps``) and noise are drawn from ``generator`` unless given (evaluation on fixed
+    noise). The objective follows the model's own schedule: for DDPM models the epsilon or v target of the
+    forward process, with min-SNR weights when ``min_snr_gamma`` > 0; for flow matching (rectified flow, SD3 and
+    Flux) ``x_t = sigma * noise + (1 - sigma) * x0`` and the velocity target ``noise - x0``.
 
     Raises:
-        ValueError: the schedule's prediction type is neither epsilon nor v_prediction.
+        ValueError: an unknown prediction type or timestep sampling, or min-SNR asked of a flow model.
     """
     schedule = model_api.schedule
     if timesteps is None:
-        timesteps = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), generator=generator)
+        timesteps = sample_timesteps(schedule, latents.shape[0], generator, timestep_sampling)
     timesteps = timesteps.to(latents.device)
     if noise is None:
         noise = sample_noise(latents, generator, noise_offset)
-    noisy = noisy_latents(latents, noise, timesteps, schedule.alphas_cumprod)
+    if schedule.prediction_type == "flow":
+        if min_snr_gamma:
+            raise ValueError("min_snr_gamma weights DDPM noise levels; flow-matching models train without it")
+        sigma = timesteps.float().view(-1, *[1] * (latents.dim() - 1))
+        noisy = sigma * noise + (1 - sigma) * latents
+        target = noise - latents
+    else:
+        noisy = noisy_latents(latents, noise, timesteps, schedule.alphas_cumprod)
+        target = target_for(schedule.prediction_type, latents, noise, timesteps, schedule.alphas_cumprod)
     pred = model_api.predict_noise(noisy, timesteps, cond).float()
-    target = target_for(schedule.prediction_type, latents, noise, timesteps, schedule.alphas_cumprod)
     loss = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma:
         loss = loss * min_snr_weights(timesteps, schedule.alphas_cumprod, min_snr_gamma, schedule.prediction_type)

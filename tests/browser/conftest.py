@@ -229,6 +229,21 @@ class ComfyPage:
             " app.canvas.setDirty(true, true); }"
         )
 
+    def last_prompt(self) -> dict:
+        """The server's history entry of the last prompt, once the queue is empty.
+
+        The page hears "executed" and our done event while the prompt still runs; the server writes
+        the history entry only when the whole prompt has ended, so read it once nothing is queued.
+        """
+        idle = "async () => { const q = await (await fetch('/queue')).json(); return q.queue_running.length + q.queue_pending.length === 0; }"
+        deadline = time.monotonic() + 60
+        while not self.js(idle):
+            assert time.monotonic() < deadline, "the queue is still busy after 60 s"
+            self.page.wait_for_timeout(100)
+        history = self.js("async () => (await fetch('/history?max_items=1')).json()")
+        (entry,) = history.values()
+        return entry
+
     def screenshot(self, name: str) -> Path:
         path = self.artifacts / f"{name}.png"
         self.page.screenshot(path=str(path))

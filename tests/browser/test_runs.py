@@ -129,8 +129,7 @@ def test_live_training_progress(ui, node_types):
     assert done["file"].startswith("Finished: run ") and f"browser_live_{renderer}" in done["file"], done
     # The run itself: the loss-curve image reached its SaveImage, and the prompt succeeded.
     page.wait_for_function("() => app.nodeOutputs?.['12']?.images?.length > 0", timeout=30_000, polling=100)
-    history = page.evaluate("async () => (await fetch('/history?max_items=1')).json()")
-    (entry,) = history.values()
+    entry = ui.last_prompt()
     assert entry["status"]["status_str"] == "success", entry["status"]
     summary = entry["outputs"]["3"]["text"][0]
     assert summary.startswith(f"finished after {TRAIN_STEPS}/{TRAIN_STEPS} steps"), summary
@@ -210,8 +209,7 @@ def test_ui_saved_workflow_runs_the_same_headless(ui, fixtures_info, comfy_base,
     ui_png = comfy_base / "output" / image.get("subfolder", "") / image["filename"]
     assert ui_png.is_file(), ui_png
     # What the server ran is what the editor wrote.
-    history = page.evaluate("async () => (await fetch('/history?max_items=1')).json()")
-    (entry,) = history.values()
+    entry = ui.last_prompt()
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert json.loads(entry["prompt"][2][str(ids["stack"])]["inputs"]["rows"]) == stack_rows
 
@@ -306,8 +304,7 @@ def test_cancel_in_the_browser_keeps_the_cancel_step_and_resumes(ui, node_types,
         timeout=120_000,
         polling=100,
     )
-    history = page.evaluate("async () => (await fetch('/history?max_items=1')).json()")
-    (entry,) = history.values()
+    entry = ui.last_prompt()
     summary = entry["outputs"]["3"]["text"][0]
     assert summary.startswith(f"finished after {step + 2}/{step + 2} steps") and f"resumed at step {step}" in summary
     assert json.loads(checkpoint.read_text())["step"] == step + 2

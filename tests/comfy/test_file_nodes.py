@@ -338,8 +338,15 @@ def test_comfy_native_file_is_read_by_info_and_convert(comfy, ckpt_name, loras_d
             overwrite=True,
         )
         g.node("LoraWorkbenchInfo", id="x_info", lora_name=native_name)
+        # With MODEL and CLIP, Info reads only the file's header and still counts what ComfyUI patches.
+        ckpt = g.lookup_node("ckpt")
+        for key, name in (("native", native_name), ("kohya", files["alpha4"])):
+            g.node("LoraWorkbenchInfo", id=f"x_match_{key}", lora_name=name, model=ckpt.out(0), clip=ckpt.out(1))
 
     result = _run(comfy, branches(ckpt_name, {}, extra))
+    for key in ("native", "kohya"):
+        matched = result.output(f"x_match_{key}")
+        assert "matches 56 model weights and 48 CLIP weights" in matched and "match nothing" not in matched, matched
     info = result.output("x_info")
     assert "format: comfy_native" in info, info
     assert "modules: 104" in info and "unet_modules: 56" in info and "te_modules: 48" in info, info

@@ -278,6 +278,34 @@ def test_split_module_path(underscored, dotted):
     assert keys.split_module_path(underscored) == dotted
 
 
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        # transformers 5 CLIPTextModel (no text_model.), transformers 4, ComfyUI's and peft's prefixes.
+        ("encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.q_proj"),
+        ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.q_proj"),
+        ("clip_l.transformer.text_model.encoder.layers.3.mlp.fc1", "text_model.encoder.layers.3.mlp.fc1"),
+        ("base_model.model.encoder.layers.3.mlp.fc1", "text_model.encoder.layers.3.mlp.fc1"),
+        ("embeddings.token_embedding", "text_model.embeddings.token_embedding"),
+        ("final_layer_norm", "text_model.final_layer_norm"),
+        # The tail of a kohya name.
+        ("encoder_layers_0_self_attn_q_proj", "text_model_encoder_layers_0_self_attn_q_proj"),
+        ("text_model_encoder_layers_0_self_attn_q_proj", "text_model_encoder_layers_0_self_attn_q_proj"),
+        # T5 is left alone.
+        ("encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.q"),
+    ],
+)  # fmt: skip
+def test_text_encoder_path_is_the_kohya_form(path, expected):
+    assert keys.text_encoder_path(path) == expected
+
+
+def test_kohya_name_puts_text_encoder_paths_in_kohya_form():
+    assert keys.kohya_name("lora_te1", "encoder.layers.0.self_attn.q_proj") == (
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    )
+    assert keys.kohya_name("lora_unet", "encoder.layers.0.proj") == "lora_unet_encoder_layers_0_proj"
+
+
 def test_tucker_mid_round_trips_in_kohya(make_state):
     g = torch.Generator().manual_seed(1)
     m = LoraModule(down=torch.randn(3, 5, 1, 1, generator=g), up=torch.randn(7, 3, 1, 1, generator=g), alpha=2.0,

@@ -230,3 +230,35 @@ def test_states_accept_raw_dicts(make_state):
     for n, m in st.modules.items():
         assert _rel(res.state.modules[n].delta(), m.delta()) < F32_RTOL
     assert isinstance(res.state, LoraState)
+
+
+# The steps merge() is built from.
+
+
+def test_contributions_name_each_input_that_has_a_module_in_input_order(make_state):
+    a = make_state(rank=2, seed=1, modules=[("lora_unet_b", 4, 4, None), ("lora_unet_a", 4, 4, None)])
+    b = make_state(rank=3, seed=2, modules=[("lora_unet_a", 4, 4, None)])
+    plan = merge._contributions([a, b])
+    assert list(plan) == ["lora_unet_a", "lora_unet_b"], "sorted names"
+    assert [(i, m.rank) for i, m in plan["lora_unet_a"]] == [(0, 2), (1, 3)]
+    assert [i for i, _ in plan["lora_unet_b"]] == [0], "an input without the module contributes nothing"
+
+
+def test_svd_rank_defaults_to_the_largest_input_rank_unless_energy_decides(make_state):
+    states = [make_state(rank=2, seed=1), make_state(rank=5, seed=2)]
+    plan = merge._contributions(states)
+    assert merge._svd_rank(plan, states, None, None) == 5
+    assert merge._svd_rank(plan, states, None, 0.9) is None
+    assert merge._svd_rank(plan, states, 7, None) == 7
+    with pytest.raises(ValueError, match="target rank 8 is above"):
+        merge._svd_rank(plan, states, 8, None)
+
+
+@pytest.mark.parametrize("method", ["concat", "svd", "linear"])
+def test_each_method_on_one_input_gives_back_its_weighted_delta(make_state, method):
+    st = make_state(rank=3, alpha=1.5, seed=7, modules=[("lora_unet_x", 6, 5, None)])
+    contributions = merge._contributions([st])["lora_unet_x"]
+    module, merged = merge._merge_module("lora_unet_x", contributions, [-0.5], ["a"], method, 3, None)
+    assert _rel(module.delta(), -0.5 * st.modules["lora_unet_x"].delta()) < F32_RTOL
+    assert merged.error < F32_RTOL * max(merged.target_norm, 1.0)
+    assert (merged.energy_kept is not None) == (method == "svd")
