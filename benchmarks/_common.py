@@ -219,3 +219,20 @@ class PeakMemory:
             return 0
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
+
+
+def core_layers(diffusion_model, rank: int) -> tuple[list[str], list[str]]:
+    """Return (the layers core gives a LoRA that ours can too, those ours cannot: size below ``rank``).
+
+    Core wraps every module with a ComfyUI ``weight_function`` whose weight has two or more dimensions.
+    """
+    import torch
+
+    ours, skipped = [], []
+    for name, m in diffusion_model.named_modules():
+        w = getattr(m, "weight", None)
+        if not hasattr(m, "weight_function") or w is None or w.dim() < 2:
+            continue
+        fits = isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and rank <= min(w.shape[0], w[0].numel())
+        (ours if fits else skipped).append(name)
+    return ours, skipped

@@ -16,8 +16,9 @@ out on both sides. "extra MB" is the peak RSS during training over the RSS once 
 layer exists), measured in the same process after ``malloc_trim`` (see ``bench_train_memory.py`` for the
 memory comparison on ComfyUI models).
 
-Run: ``.venv/bin/python benchmarks/bench_trainer_reference.py [--repeats 3] [--steps 3] [--quick]``
-(about 4 minutes on 2 cores; ``--quick``: one small configuration, for development).
+Run: ``.venv/bin/python benchmarks/bench_trainer_reference.py [--repeats 3] [--steps 3] [--quick | --full]``
+(about 5 minutes on 2 cores; ``--quick``: one small configuration, for development; ``--full``: 8 configurations,
+about 15 minutes).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from _common import MB, PeakMemory, StepClock, fmt_spread, header, ratio_spread,
 RANK = 8
 LR = 1e-4
 WARMUP = 1  # untimed optimizer steps at the start of every run
-CONFIGS = [(res, batch, pp) for pp in (False, True) for res in (64, 128) for batch in (1, 4)]
+# (resolution, batch, prior preservation: it doubles the forward batch). The default set keeps the run within about
+# 5 minutes on 2 cores; --full adds the batch-4 rows at 128 px and with prior preservation (about 15 minutes).
+CONFIGS = [(64, 1, False), (64, 4, False), (128, 1, False), (64, 1, True), (128, 1, True)]
+FULL_CONFIGS = [(res, batch, pp) for pp in (False, True) for res in (64, 128) for batch in (1, 4)]
 QUICK_CONFIGS = [(64, 1, False)]
 ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -66,7 +70,7 @@ def _images(folder, size: int, n: int, seed: int) -> None:
         img.save(folder / f"{i}.png")
 
 
-def _run_ours(parts, tmp, res, batch, pp, steps, mem, start) -> None:
+def _run_ours(parts, tmp, res, batch, pp, steps, start) -> None:
     from lora_workbench.trainer.config import TrainConfig
     from lora_workbench.trainer.dataset import DatasetOptions, load_image_folder
     from lora_workbench.trainer.diffusers_backend import DiffusersModelApi
@@ -105,7 +109,8 @@ def _run_ref(parts, tmp, res, batch, pp, steps, start, count_flops: bool) -> flo
         emb = te(ids)[0]
 
         def cached(folder):  # --cache_latents: the latent distribution of each image, encoded once
-            pixels = torch.stack([e.pixels for e in load_image_folder(folder, DatasetOptions(resolution=res)).examples])
+            examples = load_image_folder(folder, DatasetOptions(resolution=res)).examples
+            pixels = torch.stack([e.pixels for e in examples])
             dist = vae.encode(pixels * 2 - 1).latent_dist
             return dist.mean, dist.std
 
@@ -173,7 +178,8 @@ def _child(impl: str, configs: list, steps: int, count_flops: bool) -> None:
         mem.reset()
 
     def on_step():
-        window["peak"] = mem.peak_rss()
+        if len(clock.stamps) <= WARMUP + steps:  # not the reference's FLOP-counting step
+            window["peak"] = mem.peak_rss()
 
     clock = StepClock(on_step=on_step)
     for res, batch, pp in configs:
@@ -183,7 +189,7 @@ def _child(impl: str, configs: list, steps: int, count_flops: bool) -> None:
         window.clear()
         out = {"impl": impl, "res": res, "batch": batch, "pp": pp}
         if impl == "ours":
-            _run_ours(parts, tmp, res, batch, pp, steps, mem, start)
+            _run_ours(parts, tmp, res, batch, pp, steps, start)
         else:
             flops = _run_ref(parts, tmp, res, batch, pp, steps, start, count_flops and batch == 1)
             if flops is not None:
@@ -211,9 +217,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side (default 3)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after 1 warm-up (default 3)")
     parser.add_argument("--quick", action="store_true", help="one small configuration (development)")
+    parser.add_argument("--full", action="store_true", help="all 8 configurations (about 15 minutes)")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "FLOPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS if args.full else CONFIGS
     if args.child:
         _child(args.child[0], configs, args.steps, args.child[1] == "1")
         return
@@ -234,8 +241,7 @@ def main() -> None:
         order = ("ours", "ref") if rep % 2 == 0 else ("ref", "ours")
         for impl in order:
             cmd = [sys.executable, __file__, "--child", impl, "1" if rep == 0 else "0", "--steps", str(args.steps)]
-            if args.quick:
-                cmd.append("--quick")
+            cmd += ["--quick"] if args.quick else ["--full"] if args.full else []
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if r.returncode:
                 sys.stderr.write(r.stderr)
@@ -243,17 +249,14 @@ def main() -> None:
             for line in r.stdout.strip().splitlines():
                 if line.startswith("{"):
                     rows.append({**json.loads(line), "rep": rep})
+                    print(json.dumps(rows[-1]), flush=True)  # partial results survive an interrupted run
         print(f"repeat {rep + 1}/{args.repeats} done ({time.time() - t_start:.0f} s)", flush=True)
     peak = _matmul_peak()
     print(f"float32 2048^2 matmul here: {peak / 1e9:.1f} GFLOP/s; wall {time.time() - t_start:.0f} s")
 
     def col(impl, res, batch, pp, key):
-        return [r[key] for r in sorted(rows, key=lambda r: r["rep"]) if (r["impl"], r["res"], r["batch"], r["pp"]) == (
-            impl,
-            res,
-            batch,
-            pp,
-        )]
+        ordered = sorted(rows, key=lambda r: r["rep"])
+        return [r[key] for r in ordered if (r["impl"], r["res"], r["batch"], r["pp"]) == (impl, res, batch, pp)]
 
     print()
     print("s/step: mean (min-max) over the repeats; ours/ref: ratio of the means (range of per-repeat ratios);")
@@ -266,7 +269,7 @@ def main() -> None:
         o, f = col("ours", res, batch, pp, "s_per_step"), col("ref", res, batch, pp, "s_per_step")
         om, fm = col("ours", res, batch, pp, "extra_mb"), col("ref", res, batch, pp, "extra_mb")
         op, fp = col("ours", res, batch, pp, "trainable")[0], col("ref", res, batch, pp, "trainable")[0]
-        flops = [r["flops"] for r in rows if (r["impl"], r["res"], r["batch"], r["pp"]) == ("ref", res, 1, pp)]
+        flops = [r["flops"] for r in rows if "flops" in r and (r["res"], r["pp"]) == (res, pp)]
         flops = flops[0] * batch if flops else 0.0  # FLOPs scale with the batch
         mean_ref = sum(f) / len(f)
         print(

@@ -4,6 +4,12 @@
 imports ComfyUI (with this pack) as a library, converts a frontend-format workflow to an API
 prompt if needed, executes it, copies what its output nodes wrote into ``--output`` and prints
 each copied path on stdout; progress and errors go to stderr.
+``lora-workbench train WORKFLOW.json [--output DIR] [--steps N] [--node ID]`` runs only the workflow's Train LoRA
+node, its ancestors (model loaders, dataset, settings as the graph gives them) and the output nodes that save its
+results (Save LoRA, Save Image of the loss curve); sampling and the rest are left out. It prints the files written
+and the checkpoint folder; a LoRA or loss curve that no node of the graph saves is written to ``--output``. Under
+``torchrun --nproc-per-node N`` it trains data-parallel on ``torch.distributed`` (see ``trainer.loop``): rank 0
+writes, the other ranks only train.
 ``lora-workbench tiny-model`` builds (once) and prints the tiny SD1.5-shaped checkpoint.
 
 Exit codes: 0 success; 1 the workflow failed (validation, a node raised, an unknown node type);
@@ -207,6 +213,186 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TRAIN_NODE = "LoraWorkbenchTrain"
+
+
+def _upstream(inputs: dict) -> list[str]:
+    """Return the ids of the nodes an API node's inputs link to (``[node_id, output_index]`` values)."""
+    return [str(v[0]) for v in inputs.values() if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int)]
+
+
+def ancestors(prompt: dict, node_id: str) -> set[str]:
+    """Return the ids of every node ``node_id`` depends on in an API prompt (not itself)."""
+    seen: set[str] = set()
+    todo = _upstream(prompt[node_id].get("inputs", {}))
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in prompt:
+            continue
+        seen.add(current)
+        todo += _upstream(prompt[current].get("inputs", {}))
+    return seen
+
+
+def train_job(prompt: dict, node_classes: dict, node_id: str | None = None, writers: bool = True) -> tuple[str, dict]:
+    """Return the Train node's id and the prompt cut down to its job.
+
+    Kept: the Train node, its ancestors and (with ``writers``) every output node that depends on the Train node and
+    on nothing outside that set (a Save LoRA of its adapter, a Save Image of its loss curve). Left out: sampling
+    with the trained model and any other branch.
+
+    Raises:
+        ValueError: the prompt has no Train node, or several and ``node_id`` does not name one of them.
+    """
+    trains = sorted((k for k, v in prompt.items() if v.get("class_type") == TRAIN_NODE), key=lambda k: (len(k), k))
+    if node_id is not None:
+        if str(node_id) not in trains:
+            raise ValueError(f"--node {node_id}: not a Train LoRA node of this workflow (those: {', '.join(trains)})")
+        trains = [str(node_id)]
+    if not trains:
+        raise ValueError(f"the workflow has no Train LoRA node ({TRAIN_NODE})")
+    if len(trains) > 1:
+        raise ValueError(
+            f"the workflow has {len(trains)} Train LoRA nodes ({', '.join(trains)}): choose one with --node"
+        )
+    train = trains[0]
+    keep = ancestors(prompt, train) | {train}
+    if writers:
+        for k, node in prompt.items():
+            is_output = getattr(node_classes.get(node.get("class_type")), "OUTPUT_NODE", False)
+            if k not in keep and is_output:
+                needs = ancestors(prompt, k)
+                if train in needs and needs <= keep:
+                    keep.add(k)
+    return train, {k: v for k, v in prompt.items() if k in keep}
+
+
+def _consumed(prompt: dict, node_id: str, index: int) -> bool:
+    """Return whether any node of ``prompt`` takes output ``index`` of ``node_id``."""
+    link = [node_id, index]
+    return any(v == link for n in prompt.values() for v in n.get("inputs", {}).values() if isinstance(v, list))
+
+
+def _distributed(device: str) -> tuple[int, int]:
+    """Join the ``torchrun`` job this process belongs to, if any; return ``(rank, world_size)``.
+
+    ``torchrun`` (and ``accelerate launch``) set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``; the process group uses NCCL on GPUs (each process on GPU ``LOCAL_RANK``) and gloo on the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before ComfyUI picks its device
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def _train(args: argparse.Namespace) -> int:
+    workflow_path = Path(args.workflow)
+    if not workflow_path.is_file():
+        print(f"lora-workbench: workflow file not found: {workflow_path}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.steps is not None and args.steps < 1:
+        print(f"lora-workbench: --steps {args.steps}: must be 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = _distributed(device)
+    code = _train_rank(args, workflow_path, device, rank, world)
+    if world > 1 and code == EXIT_OK:
+        # A failing rank leaves without it: torchrun then stops the others, which may wait in a collective.
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return code
+
+
+def _train_rank(args: argparse.Namespace, workflow_path: Path, device: str, rank: int, world: int) -> int:
+    from . import comfy_env, runner, ui_format
+
+    who = f"lora-workbench (rank {rank} of {world})" if world > 1 else "lora-workbench"
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            if world > 1 and rank > 0:
+                import torch.distributed as dist
+
+                dist.barrier()  # rank 0 prepares the shared base directory first
+            base = comfy_env.import_comfy_core(args.base, cpu=device == "cpu")
+            if rank == 0:
+                _ensure_checkpoint(base)
+            if world > 1 and rank == 0:
+                import torch.distributed as dist
+
+                dist.barrier()
+            runtime = comfy_env.import_comfyui(base, cpu=device == "cpu")
+            prompt = ui_format.load_workflow(workflow_path, runtime.node_classes)
+            train, job = train_job(prompt, runtime.node_classes, args.node, writers=rank == 0)
+        except (FileNotFoundError, RuntimeError, ValueError, ui_format.WorkflowFormatError) as e:
+            print(f"{who}: {workflow_path}: {e}", file=sys.stderr)
+            return EXIT_WORKFLOW_FAILED
+        if args.steps is not None:
+            job[train]["inputs"]["steps"] = args.steps
+        run_name = job[train]["inputs"].get("run_name")
+        run_name = run_name if isinstance(run_name, str) and run_name else "lora"
+        if rank == 0:
+            left = len(prompt) - len(job)
+            print(f"training node {train} of {workflow_path} ({len(job)} nodes; {left} left out)", file=sys.stderr)
+        try:
+            extra_data = {"client_id": "lora-workbench-cli"}
+            echo = not args.quiet and rank == 0
+            result = runner.run_prompt(runtime, job, echo=echo, extra_data=extra_data, strict=True)
+        except runner.WorkflowError as e:
+            print(f"{who}: {workflow_path} failed: {e}", file=sys.stderr)
+            return EXIT_WORKFLOW_FAILED
+        if rank > 0:
+            return EXIT_OK
+        for text in result.ui_outputs.get(train, {}).get("text", []):
+            print(text, file=sys.stderr)
+        output_root = Path(runtime.folder_paths.get_output_directory())
+        dest = Path(args.output)
+        written = collect_outputs(result.ui_outputs, output_root, dest)
+        # Save LoRA reports the file it wrote (in models/loras) as text: printed where it is, not copied.
+        for node_id, shown in result.ui_outputs.items():
+            texts = shown.get("text", []) if node_id != train else []
+            written += [Path(t) for t in texts if isinstance(t, str) and "\n" not in t and Path(t).is_file()]
+        written += _save_unsaved(job, train, result, dest, run_name)
+        checkpoints = output_root / "lora_workbench" / "checkpoints" / run_name
+    for path in written:
+        print(path)
+    if checkpoints.is_dir():
+        print(checkpoints)
+    return EXIT_OK
+
+
+def _save_unsaved(job: dict, train: str, result, dest: Path, run_name: str) -> list[Path]:
+    """Write the Train node's adapter and loss curve to ``dest`` where no node of the graph saves them."""
+    written = []
+    if not _consumed(job, train, 2):
+        from ..lora.safeio import write_safetensors
+
+        adapter = result.output(train, 2)
+        path = _inside(dest, Path(f"{run_name}.safetensors"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written.append(write_safetensors(path, dict(adapter), getattr(adapter, "metadata", None), overwrite=True))
+    if not _consumed(job, train, 3):
+        import numpy as np
+        from PIL import Image
+
+        curve = result.output(train, 3)  # (1, H, W, 3) in [0, 1]
+        path = _inside(dest, Path(f"{run_name}_loss.png"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((curve[0].cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+        written.append(path)
+    return written
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from . import comfy_env
     from .tiny_model import ensure_tiny_model
@@ -240,6 +426,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no per-node progress on stderr")
     run.set_defaults(handler=_run)
+    train = sub.add_parser(
+        "train",
+        help="run the workflow's Train LoRA node headless (data-parallel under torchrun --nproc-per-node N)",
+    )
+    train.add_argument("workflow", help="workflow JSON with one Train LoRA node (frontend or API format)")
+    train.add_argument(
+        "--output",
+        type=Path,
+        default=Path("output"),
+        help="where to copy what the graph's save nodes wrote, and to write a LoRA or loss curve no node saves",
+    )
+    train.add_argument(
+        "--base", type=Path, default=CACHE_DIR / "comfy_home", help="ComfyUI base directory (models, input, output)"
+    )
+    train.add_argument("--steps", type=int, help="train this many steps instead of the node's setting")
+    train.add_argument("--node", help="the Train LoRA node's id, when the workflow has several")
+    train.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where ComfyUI runs the model: auto is cuda when a GPU is visible (default), else cpu",
+    )
+    train.add_argument("-q", "--quiet", action="store_true", help="no per-node progress on stderr")
+    train.set_defaults(handler=_train)
     tiny = sub.add_parser("tiny-model", help="build the tiny SD1.5-shaped checkpoint (once) and print its path")
     tiny.add_argument("--base", type=Path, default=CACHE_DIR / "comfy_home", help="ComfyUI base directory")
     tiny.set_defaults(handler=_tiny_model)

@@ -196,13 +196,14 @@ def run_sync(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = None) -> Path:
+def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = None, *, cpu: bool = True) -> Path:
     """Put ComfyUI on ``sys.path`` and parse its command line (CPU) without loading any nodes.
 
     Args:
         base: the ComfyUI base directory (models, input, output, custom_nodes); defaults to
             ``.cache/comfy_home``. Only the first call's value counts: ComfyUI is a singleton.
         extra_args: more ComfyUI command-line flags.
+        cpu: pass ``--cpu``; False lets ComfyUI use the current CUDA device (``lora-workbench train`` on GPUs).
 
     Returns:
         The base directory in use.
@@ -222,7 +223,8 @@ def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = N
     sys.path.insert(0, str(path))
     saved_argv = sys.argv
     # --cpu: these machines have no GPU; a user with one runs their own ComfyUI instead.
-    sys.argv = ["comfyui", "--cpu", "--base-directory", str(base), "--disable-api-nodes", *(extra_args or [])]
+    flags = ["--cpu"] if cpu else []
+    sys.argv = ["comfyui", *flags, "--base-directory", str(base), "--disable-api-nodes", *(extra_args or [])]
     try:
         import comfy.options
 
@@ -238,7 +240,7 @@ def import_comfy_core(base: Path | None = None, extra_args: list[str] | None = N
     return base
 
 
-def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None) -> ComfyRuntime:
+def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None, *, cpu: bool = True) -> ComfyRuntime:
     """Import ComfyUI in this process (once) with this pack loaded from ``base/custom_nodes``.
 
     ComfyUI finds the pack through its own custom-node loading, as in a user's install.
@@ -253,7 +255,7 @@ def import_comfyui(base: Path | None = None, extra_args: list[str] | None = None
     global _runtime
     if _runtime is not None:
         return _runtime
-    base = import_comfy_core(base, extra_args)
+    base = import_comfy_core(base, extra_args, cpu=cpu)
     import execution
     import folder_paths
 

@@ -162,9 +162,22 @@ const CSS = `
 .lw-panel .lw-k { color: var(--descrip-text, #999); }
 .lw-panel .lw-v { overflow-wrap: anywhere; }
 .lw-settings { font-family: monospace; font-size: 11px; white-space: pre-wrap; max-height: 140px; overflow: auto; }
+.lw-progress { height: 100%; }
 .lw-progress canvas { width: 100%; height: 100%; display: block; background: var(--comfy-input-bg, #222);
   border-radius: 4px; }
-.lw-stats { display: flex; gap: 10px; flex-wrap: wrap; font-variant-numeric: tabular-nums; }
+.lw-stats { display: flex; flex-direction: column; gap: 1px; flex: none; font-variant-numeric: tabular-nums; }
+.lw-stat-line { display: flex; gap: 10px; white-space: nowrap; overflow: hidden; min-width: 0; }
+.lw-status { display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 2; overflow: hidden;
+  overflow-wrap: anywhere; line-height: 15px; height: 30px; flex: none; color: var(--descrip-text, #999); }
+.lw-status[data-kind=cancelled] { color: #fa3; }
+.lw-status[data-kind=failed] { color: var(--error-text, #f44); }
+.lw-status[data-kind=finished], .lw-status[data-kind=already] { color: #8d8; }
+.lw-status [data-key=file] { text-decoration: underline dotted; cursor: help; }
+.lw-chart { flex: 1 1 0; min-height: 100px; position: relative; }
+.lw-result { display: block; height: 100%; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere;
+  font-size: 11px; line-height: 14px; padding: 2px 4px; border-radius: 4px; background: var(--comfy-input-bg, #222); }
+.lw-result[data-state=empty] { color: var(--descrip-text, #999); font-style: italic; }
+.lw-chart canvas { position: absolute; inset: 0; }
 `;
 
 /** Add the pack's stylesheet to the page once. */

@@ -7,7 +7,16 @@ import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 
 import { el, injectStyle, redraw } from "./common.js";
-import { PointSeries, ema, formatDuration, formatLoss, plotDomain, reduceProgress, toPixels } from "./lib/series.js";
+import {
+  PointSeries,
+  ema,
+  formatDuration,
+  formatLoss,
+  plotDomain,
+  reduceProgress,
+  statusLine,
+  toPixels,
+} from "./lib/series.js";
 
 const NODE_CLASS = "LoraWorkbenchTrain";
 export const PROGRESS_EVENT = "lora_workbench.train_progress";
@@ -15,15 +24,6 @@ export const DONE_EVENT = "lora_workbench.train_done";
 const WIDGET_NAME = "lora_train_progress";
 const CAPACITY = 4000;
 const PAD = { left: 40, right: 8, top: 8, bottom: 16 };
-
-/** Return the line that says how a finished run ended (the server's state, its step and checkpoint). */
-function outcomeText(s) {
-  const kept = s.file ? ` (checkpoint kept in ${s.file})` : " (no checkpoint)";
-  if (s.outcome === "cancelled") return `Cancelled at step ${s.step}${kept}`;
-  if (s.outcome === "failed") return `Failed after step ${s.step}${kept}: ${s.message}`;
-  if (s.outcome === "already finished") return `Already finished at step ${s.step}: nothing trained`;
-  return s.file ? `Finished: run ${s.file}` : "Done";
-}
 
 class ProgressView {
   constructor(node) {
@@ -36,7 +36,7 @@ class ProgressView {
       "div.lw-root.lw-progress",
       { dataset: { testid: "lw-train-progress" } },
       this.stats,
-      el("div", { style: "flex: 1 1 auto; min-height: 90px;" }, this.canvas),
+      el("div.lw-chart", {}, this.canvas),
     );
     this.pending = false;
     this.renderStats();
@@ -45,11 +45,27 @@ class ProgressView {
     }
   }
 
+  /** Replace the series with the server's `[[step, loss], ...]` (a resumed run's history, a run's losses). */
+  load(points) {
+    this.series.clear();
+    for (const [x, y] of points) this.series.push(Number(x), Number(y));
+  }
+
   handle(type, detail) {
-    if (type === "progress") this.series.push(Number(detail.step), Number(detail.loss));
+    const before = this.state;
     this.state = reduceProgress(this.state, { type, detail });
+    if (type === "progress") {
+      // A new run (the reducer started over) clears the curve; a resumed run brings its checkpoint's history.
+      if (before.status !== "running" || this.state.step <= before.step) this.series.clear();
+      if (Array.isArray(detail.history) && detail.history.length) this.load(detail.history);
+      this.series.push(Number(detail.step), Number(detail.loss));
+    } else if (type === "done" && Array.isArray(detail.losses) && detail.losses.length) {
+      this.load(detail.losses);
+    }
     this.root.dataset.status = this.state.status;
+    this.root.dataset.outcome = this.state.outcome ?? "";
     this.root.dataset.step = String(this.state.step);
+    this.root.dataset.resumedFrom = String(this.state.resumedFrom);
     this.root.dataset.points = String(this.series.length);
     this.renderStats();
     this.schedule();
@@ -59,15 +75,25 @@ class ProgressView {
   renderStats() {
     const s = this.state;
     const item = (key, label, value) => el("span", { dataset: { key } }, `${label} `, el("b", {}, value));
-    const parts = [
+    const numbers = [
       item("step", "Step", s.total ? `${s.step}/${s.total}` : String(s.step)),
       item("loss", "Loss", formatLoss(s.loss)),
       item("elapsed", "Elapsed", formatDuration(s.elapsed)),
-      item("eta", "Remaining", s.status === "done" ? "0:00" : formatDuration(s.eta)),
     ];
-    if (s.status === "done") parts.push(el("span", { dataset: { key: "file" } }, outcomeText(s)));
-    if (s.status === "idle") parts.splice(0, parts.length, el("span", { dataset: { key: "idle" } }, "Waiting for training to start"));
-    this.stats.replaceChildren(...parts);
+    if (s.status === "running") numbers.push(item("eta", "Remaining", formatDuration(s.eta)));
+    const line = statusLine(s);
+    const status = el("div.lw-status", { dataset: { key: "status", kind: line.kind }, title: line.text });
+    if (s.file) {
+      // The checkpoint's file name in the line; its full path as the tooltip.
+      const [head, tail] = line.text.split(s.file);
+      status.append(head, el("span", { dataset: { key: "file" }, title: s.path || s.file }, s.file), tail ?? "");
+      status.title = s.path ? `${line.text}\n${s.path}` : line.text;
+    } else {
+      status.append(line.text);
+    }
+    const rows = [status];
+    if (s.status !== "idle") rows.unshift(el("div.lw-stat-line", {}, ...numbers));
+    this.stats.replaceChildren(...rows);
   }
 
   schedule() {
@@ -94,7 +120,7 @@ class ProgressView {
     const ch = h / ratio;
     ctx.clearRect(0, 0, cw, ch);
     const box = { x: PAD.left, y: PAD.top, w: Math.max(1, cw - PAD.left - PAD.right), h: Math.max(1, ch - PAD.top - PAD.bottom) };
-    const domain = plotDomain(this.series, this.state.total);
+    const domain = plotDomain(this.series);
     const style = getComputedStyle(this.root);
     const text = style.color || "#ccc";
 
@@ -118,6 +144,20 @@ class ProgressView {
     ctx.fillText(`step ${domain.xmin}`, box.x, box.y + box.h + 3);
     ctx.textAlign = "right";
     ctx.fillText(String(domain.xmax), box.x + box.w, box.y + box.h + 3);
+
+    // Where a resumed run took over from its checkpoint: a dashed line.
+    const resumed = this.state.resumedFrom;
+    if (resumed > domain.xmin && resumed < domain.xmax) {
+      const [[rx]] = toPixels([{ x: resumed, y: domain.ymin }], box, domain);
+      ctx.save();
+      ctx.setLineDash([3, 3]);
+      ctx.strokeStyle = "rgba(160,160,160,0.8)";
+      ctx.beginPath();
+      ctx.moveTo(Math.round(rx) + 0.5, box.y);
+      ctx.lineTo(Math.round(rx) + 0.5, box.y + box.h);
+      ctx.stroke();
+      ctx.restore();
+    }
 
     const points = this.series.points();
     if (!points.length) return;
@@ -148,7 +188,7 @@ function viewFor(node, create) {
     hideOnZoom: false,
     getValue: () => "",
     setValue: () => {},
-    getMinHeight: () => 150,
+    getMinHeight: () => 180,
   });
   widget.serialize = false;
   node.lwTrainProgress = view;

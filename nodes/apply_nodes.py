@@ -106,4 +106,5 @@ class ApplyLoraStackNode(io.ComfyNode):
         if warning:
             log.warning("Apply LoRA Stack: %s", warning)
         trigger_words = ", ".join(lora_metadata.dedupe_words(w for a in applied for w in a.trigger_words))
-        return io.NodeOutput(model, clip, trigger_words, format_report(applied, total, warning))
+        report = format_report(applied, total, warning)
+        return io.NodeOutput(model, clip, trigger_words, report, ui={"text": [report]})

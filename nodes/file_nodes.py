@@ -157,11 +157,17 @@ class SaveLoraNode(io.ComfyNode):
             if words:
                 metadata["modelspec.trigger_phrase"] = ", ".join(words)
             safeio.write_safetensors(path, dict(adapter), metadata, overwrite=overwrite)
-            return io.NodeOutput(path, ui={"text": [path]})
+            return io.NodeOutput(path, ui=_saved_ui(path))
         state = lora_keys.state_from_dict(dict(adapter), metadata, source=source_of(adapter))
         state.metadata.update(lora_metadata.build_metadata(state, trigger_words=words or None, existing=metadata))
         safeio.write_safetensors(path, lora_keys.to_kohya_dict(state), state.metadata, overwrite=overwrite)
-        return io.NodeOutput(path, ui={"text": [path]})
+        return io.NodeOutput(path, ui=_saved_ui(path))
+
+
+def _saved_ui(path: str) -> dict:
+    """What the node shows: the full path, and the name the LoRA pickers list it under (the page refreshes them)."""
+    root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+    return {"text": [path], "lora_name": [os.path.relpath(path, root).replace(os.sep, "/")]}
 
 
 class ConvertLoraNode(io.ComfyNode):

@@ -64,11 +64,36 @@ _STEPS = {
 }
 
 
+# Short labels for the Train node's inputs (the input names stay: workflows and prompts use them). Nodes 2.0
+# gives a label about 11 characters before it cuts it ("train_text_e..."); the tooltip says the rest.
+LABELS = {
+    "learning_rate": "LR",
+    "batch_size": "batch",
+    "train_text_encoder": "train TE",
+    "prior_preservation": "prior",
+    "class_prompt": "class text",
+    "num_class_images": "class imgs",
+    "prior_loss_weight": "prior wt",
+    "class_images_dir": "class dir",
+    "gradient_checkpointing": "grad ckpt",
+    "checkpoint_every": "save every",
+    "run_name": "run name",
+    "lr_scheduler": "LR sched",
+    "warmup_steps": "warmup",
+    "grad_accumulation": "grad accum",
+    "min_snr_gamma": "min-SNR",
+    "noise_offset": "noise offs",
+    "timestep_sampling": "timesteps",
+    "te_learning_rate": "TE LR",
+    "custom_targets": "layers",
+}
+
+
 def _setting(name: str, optional: bool = False):
     """Return the widget of a ``TrainConfig`` field: its default, range, options and help text as the tooltip."""
     f = _FIELDS[name]
     meta = f.metadata
-    common = dict(default=f.default, tooltip=meta["help"], optional=optional)
+    common = dict(default=f.default, tooltip=meta["help"], optional=optional, display_name=LABELS.get(name))
     if "options" in meta:
         return io.Combo.Input(name, options=list(meta["options"]), **common)
     if f.type == "bool":
@@ -196,13 +221,16 @@ class TrainLoraNode(io.ComfyNode):
             "with optional prior preservation and text-encoder LoRA. Writes resumable checkpoints to "
             "output/lora_workbench/checkpoints/<run_name>; Cancel keeps the last one.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
-                Dataset.Input("dataset"),
+                io.Model.Input("model", tooltip="The base model to train on; it is left unchanged."),
+                io.Clip.Input(
+                    "clip", tooltip="The model's text encoder: encodes the captions (trained too with train TE on)."
+                ),
+                io.Vae.Input("vae", tooltip="Encodes the dataset's images to latents, once, before training."),
+                Dataset.Input("dataset", tooltip="The training images and captions, from Image Folder Dataset."),
                 *(_setting(name) for name in REQUIRED_SETTINGS),
                 io.String.Input(
                     "run_name",
+                    display_name=LABELS["run_name"],
                     default="my_lora",
                     tooltip="Names this run's checkpoint folder in output/lora_workbench/checkpoints ('/' makes "
                     "sub-folders; letters, digits, '_', '.', '-').",
@@ -217,11 +245,18 @@ class TrainLoraNode(io.ComfyNode):
                 *(_setting(name, optional=True) for name in OPTIONAL_SETTINGS),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.Clip.Output(display_name="CLIP"),
-                LoraModel.Output(display_name="adapter"),
-                io.Image.Output(display_name="loss_curve"),
-                io.String.Output(display_name="summary"),
+                io.Model.Output(display_name="MODEL", tooltip="The input MODEL with the trained LoRA applied."),
+                io.Clip.Output(
+                    display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied (if train TE is on)."
+                ),
+                LoraModel.Output(
+                    display_name="adapter",
+                    tooltip="The trained LoRA (ComfyUI's LORA_MODEL): to Save LoRA, or Apply LoRA Stack's adapter.",
+                ),
+                io.Image.Output(display_name="loss_curve", tooltip="The loss per step, plotted as an image."),
+                io.String.Output(
+                    display_name="summary", tooltip="How the run ended, its final loss, settings and checkpoint."
+                ),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -232,7 +267,9 @@ class TrainLoraNode(io.ComfyNode):
         config = TrainConfig(**settings)
         run_dir = checkpoint_dir(run_name)
         class_dir = data_folder(config.class_images_dir, "class_images_dir") if config.class_images_dir else None
-        progress = TrainingProgress(cls.hidden.unique_id if cls.hidden else None, config.steps)
+        progress = TrainingProgress(
+            cls.hidden.unique_id if cls.hidden else None, config.steps, run_dir=run_dir, run_name=run_name
+        )
         callbacks = loop.TrainCallbacks(
             on_step=progress.on_step,
             should_stop=progress.should_stop,

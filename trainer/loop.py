@@ -6,6 +6,11 @@ from a checkpoint at step ``s`` continues as the uninterrupted run would have. T
 and CUDA, Python, NumPy) are still stored in checkpoints and restored on resume, and the caller's global
 generator states are given back when ``train`` returns.
 
+Data-parallel on ``torch.distributed`` when the caller has initialised a process group of more than one process
+(``torchrun``; see ``_Ranks``): ``config.batch_size`` is then each process's share of a global batch of
+``batch_size x world_size``, drawn as one process would draw it, so N processes with batch b train as one process
+with batch N x b.
+
 The model's modules are left as they were: LoRA layers are removed again, and the train/eval flags, gradient
 checkpointing and ``requires_grad`` flags are restored (see ``inject.remove_adapter``).
 """
@@ -80,6 +85,86 @@ def _seed_of(seed: int, *parts) -> int:
 
 def _seeded(seed: int, *parts) -> torch.Generator:
     return torch.Generator().manual_seed(_seed_of(seed, *parts))
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place in a data-parallel job on ``torch.distributed`` (one process when there is none).
+
+    The engine is PyTorch's collectives on the LoRA gradients: after the backward passes of a step, one
+    ``all_reduce`` over the flattened LoRA gradients (the single bucket DistributedDataParallel would fill), not
+    ``DistributedDataParallel`` itself. DDP wraps the module whose ``forward`` it calls, but here the forward goes
+    through ``model_api.predict_noise`` (ComfyUI's ``apply_model`` with its patches and wrappers) into a frozen
+    base model; wrapping that model would make DDP broadcast and track its billions of frozen weights, and the
+    grad-accumulation and gradient-checkpointing paths would need ``no_sync`` and ``find_unused_parameters``.
+    The LoRA parameters are all this job has to keep in step, so their gradients are what is reduced.
+
+    Each rank's loss is its share of the global batch's loss (the sum over its examples divided by the global
+    count), so the sum of the ranks' gradients is the gradient of the global mean: DDP's average when the
+    shares are equal, and still exact when an epoch's last batch splits unevenly.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> _Ranks:
+        """Return the ranks of the initialised default process group, or one process when there is none."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def shared(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files (rank 0)."""
+        return self.rank == 0
+
+    def share(self, n: int) -> slice:
+        """Return this rank's contiguous part of ``n`` items (rank r takes part r; sizes differ by 1 at most)."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+    def _device(self) -> torch.device:
+        # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+        if torch.distributed.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def broadcast(self, value):
+        """Return rank 0's ``value`` on every rank (pickled: for small objects and tensors made once)."""
+        box = [value if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0, device=self._device())
+        return box[0]
+
+    def sum(self, value: float) -> float:
+        """Return the sum of ``value`` over the ranks."""
+        t = torch.tensor([value], dtype=torch.float64, device=self._device())
+        torch.distributed.all_reduce(t)
+        return float(t)
+
+    def any(self, flag: bool) -> bool:
+        """Return whether ``flag`` is true on any rank (so every rank stops at the same step)."""
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """Replace each parameter's gradient by its sum over the ranks (one flat buffer, one ``all_reduce``)."""
+        for p in params:
+            if p.grad is None:  # no example on this rank this step (a short last batch)
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        device = self._device()
+        flat = torch.cat([g.reshape(-1).to(device, torch.float32) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -214,6 +299,11 @@ def train(
 ) -> TrainResult:
     """Train a DreamBooth LoRA on ``dataset`` and return it.
 
+    With a ``torch.distributed`` process group of N > 1 processes initialised by the caller, every process calls
+    this with the same arguments: ``config.batch_size`` is each one's share of a global batch of N x batch_size,
+    the LoRA gradients are reduced after each backward pass (see ``_Ranks``), the reported loss is the global
+    batch's, and rank 0 alone plans the resume, makes the class images and latents and writes checkpoints.
+
     Args:
         model_api: the model (see ``trainer.model_api.ModelApi``); LoRA layers are injected into its ``unet``
             (and ``text_encoder``) and removed again at the end unless ``keep_layers``; the modules' base weights
@@ -244,6 +334,8 @@ def train(
             requested but absent, or an unreadable checkpoint.
         trainer.dataset.DatasetError: a class-image folder without usable images.
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
+        TrainingError: the ranks of a distributed job resumed at different steps (a checkpoint folder that not
+            every machine sees).
         BaseException: whatever a callback or the model raised (Cancel, out of memory, Ctrl-C), after the last
             completed step's checkpoint is written.
     """
@@ -263,14 +355,22 @@ def train(
             "flow-matching model (set it to 0)"
         )
     identity = model_api.identity() if hasattr(model_api, "identity") else {"model": model_api.fingerprint()}
-    record = run_record.make_record(config.to_dict(), dataset.identity(), identity)
+    ranks = _Ranks.current()
+    settings = config.to_dict()
+    if ranks.shared:
+        # A run is defined by its global batch: 2 processes x batch b resume on 1 process x batch 2b and back.
+        settings["batch_size"] = config.batch_size * ranks.world
+    record = run_record.make_record(settings, dataset.identity(), identity)
     notes: list[str] = []
     if checkpoint_dir:
-        resume = _plan_resume(Path(checkpoint_dir), resume, record, notes)
+        # Rank 0 alone decides (and sets another run's checkpoint aside); the others follow its decision.
+        resume = _plan_resume(Path(checkpoint_dir), resume, record, notes) if ranks.main else False
+        if ranks.shared:
+            resume = ranks.broadcast(resume)
 
-    # Class images come from the frozen base model, so they are made before any LoRA layer exists.
+    # Class images come from the frozen base model, so they are made before any LoRA layer exists: once, by rank 0.
     class_pixels = None
-    if config.prior_preservation:
+    if config.prior_preservation and ranks.main:
         class_pixels = objective.class_images(
             model_api,
             config.class_prompt or dataset.class_prompt,
@@ -285,10 +385,10 @@ def train(
 
     # Images and (with a frozen text encoder) prompts are encoded before the model is prepared for training:
     # the VAE and text encoders do their work first and may then make room for the denoiser.
-    data = _EncodedData(model_api, dataset, config, te, class_pixels)
+    data = _EncodedData(model_api, dataset, config, te, class_pixels, ranks)
     prepare = getattr(model_api, "prepare_for_training", None)
     if prepare is not None:
-        prepare(config.batch_size * (2 if class_pixels is not None else 1))
+        prepare(config.batch_size * (2 if class_pixels is not None or data.class_latents else 1))
     modules = [m for m in (model_api.unet, te) if m is not None]
     was_training = [m.training for m in modules]
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -315,7 +415,7 @@ def train(
                 copy_inputs = getattr(model_api, "blocks_change_inputs", False)
                 undo_checkpointing = _enable_gradient_checkpointing(model_api.unet, blocks, copy_inputs)
             run = _Run(model_api, data, config, callbacks, checkpoint_dir, te, device, unet_name_map, started)
-            run.record = record
+            run.record, run.ranks = record, ranks
             result = run.run(resume)
             result.notes = notes + result.notes
             return result
@@ -361,8 +461,34 @@ class _EncodedData:
     """What the frozen VAE and text encoder give once: latents of every image (and mirror), class latents per image
     size, and the conditioning of every prompt when the text encoder is not trained."""
 
-    def __init__(self, model_api, dataset, config, te, class_pixels):
+    def __init__(self, model_api, dataset, config, te, class_pixels, ranks: _Ranks | None = None):
         self.dataset = dataset
+        ranks = ranks or _Ranks()
+        self.class_prompt = config.class_prompt or dataset.class_prompt
+        self.class_latents: dict[tuple[int, int], torch.Tensor] = {}
+        if ranks.shared and not ranks.main:
+            # Rank 0 encodes; the others receive its latents (made once, and the same bits on every rank).
+            self.latents, self.flipped, self.class_latents = ranks.broadcast(None)
+        else:
+            self._encode(model_api, dataset, class_pixels)
+            if ranks.shared:
+                cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
+                flipped = cpu(self.flipped) if dataset.options.flip else None
+                ranks.broadcast((cpu(self.latents), flipped, {k: v.cpu() for k, v in self.class_latents.items()}))
+        if self.flipped is None:
+            self.flipped = self.latents
+        self.frozen_cond: dict[str, conds.Cond] = {}
+        if te is None:
+            prompts = {e.caption for e in dataset.examples}
+            if config.caption_dropout or dataset.options.caption_dropout:
+                prompts.add("")
+            if self.class_latents:
+                prompts.add(self.class_prompt)
+            with torch.no_grad():
+                for p in sorted(prompts):
+                    self.frozen_cond[p] = conds.detached(model_api.encode_prompts([p]))
+
+    def _encode(self, model_api, dataset, class_pixels) -> None:
         # Encode every image (and its mirror when flipping) once: the VAE is frozen. Random crops are cut
         # from the latents of the whole resized image, one latent pixel (8 image pixels) at a time.
         with torch.no_grad():
@@ -372,8 +498,6 @@ class _EncodedData:
                 if dataset.options.flip
                 else self.latents
             )
-        self.class_prompt = config.class_prompt or dataset.class_prompt
-        self.class_latents: dict[tuple[int, int], torch.Tensor] = {}
         if class_pixels is not None:
             # One set of class latents per image size (aspect buckets), so they join the instance batch.
             with torch.no_grad():
@@ -382,22 +506,13 @@ class _EncodedData:
                     self.class_latents[(h, w)] = torch.cat(
                         [model_api.encode_images(fitted[i : i + 4]) for i in range(0, len(fitted), 4)]
                     )
-        self.frozen_cond: dict[str, conds.Cond] = {}
-        if te is None:
-            prompts = {e.caption for e in dataset.examples}
-            if config.caption_dropout or dataset.options.caption_dropout:
-                prompts.add("")
-            if class_pixels is not None:
-                prompts.add(self.class_prompt)
-            with torch.no_grad():
-                for p in sorted(prompts):
-                    self.frozen_cond[p] = conds.detached(model_api.encode_prompts([p]))
 
 
 class _Run:
     """The state of one training run between injection and removal (kept together so checkpoints see it all)."""
 
     record: dict | None = None
+    ranks: _Ranks = _Ranks()
 
     def __init__(
         self, model_api, data: _EncodedData, config, callbacks, checkpoint_dir, te, device, unet_name_map, started
@@ -434,6 +549,10 @@ class _Run:
 
     def write_checkpoint(self, step: int) -> None:
         if not self.checkpoint_dir:
+            return
+        if not self.ranks.main:
+            # Rank 0 alone writes; every rank holds the same weights, so the others only keep count.
+            self.last_checkpoint, self.last_checkpoint_step = Path(self.checkpoint_dir) / ckpt.INDEX, step
             return
         tensors = {f"unet.{k}": v for k, v in inject.named_lora_tensors(self.unet).items()}
         if self.te is not None:
@@ -492,7 +611,12 @@ class _Run:
         return latents[..., top : top + h, left : left + w]
 
     def micro_step(self, step: int, micro: int) -> torch.Tensor:
-        """Return the loss of one forward pass (instance + class examples in one batch)."""
+        """Return the loss of one forward pass (instance + class examples in one batch).
+
+        With several ranks, this rank's part of it: see ``shared_micro_step``.
+        """
+        if self.ranks.shared:
+            return self.shared_micro_step(step, micro)
         config = self.config
         batch = self.dataset.batch(
             config.batch_size,
@@ -525,9 +649,66 @@ class _Run:
             loss, _, _ = objective.dreambooth_loss(per_example, n_instance, config.prior_loss_weight)
         return loss
 
+    def shared_micro_step(self, step: int, micro: int) -> torch.Tensor:
+        """Return this rank's share of the loss of one forward pass over the global batch.
+
+        The global batch (``batch_size x world``), its class-image picks, timesteps and noise are drawn from the
+        step's generator exactly as one process with that batch draws them, on every rank; rank r keeps its part
+        (``_Ranks.share``) of the instance examples and the same part of the class examples. The share is the sum
+        of its examples' DreamBooth terms over the global counts, so the shares add up to the global loss (and
+        their gradients to its gradient). A rank whose part is empty returns a zero without gradient.
+        """
+        config, ranks = self.config, self.ranks
+        batch = self.dataset.batch(
+            config.batch_size * ranks.world,
+            config.seed,
+            step * config.grad_accumulation + micro,
+            caption_dropout=self.caption_dropout,
+        )
+        n_global, mine = len(batch), ranks.share(len(batch))
+        if mine.start == mine.stop:
+            return torch.zeros((), device=self.device)
+        x0 = torch.cat([self.latent_of(item) for item in batch[mine]]).to(self.device)
+        prompts = ["" if item.drop_caption else self.dataset.examples[item.index].caption for item in batch[mine]]
+        gen = _seeded(config.seed, step, micro)
+        n_instance = x0.shape[0]
+        rows = list(range(mine.start, mine.stop))
+        with _autocast(self.dtype, self.device):
+            cond = self.cond_for(prompts)
+            if self.data.class_latents:
+                pool = self.data.class_latents[self.dataset.examples[batch[0].index].size]
+                pick = torch.randint(0, pool.shape[0], (n_global,), generator=gen)[mine]
+                x0 = torch.cat([x0, pool[pick].to(self.device)])
+                cond = conds.concat([cond, conds.repeat(self.cond_for([self.data.class_prompt]), n_instance)])
+                rows += [n_global + r for r in rows]  # the class examples follow the instance examples
+            n_all = n_global * (2 if self.data.class_latents else 1)
+            timesteps = objective.sample_timesteps(self.api.schedule, n_all, gen, config.timestep_sampling)
+            shape = torch.empty((n_all, *x0.shape[1:]))  # only its shape is read
+            noise = objective.sample_noise(shape, gen, config.noise_offset)
+            per_example = objective.per_example_loss(
+                self.api,
+                x0,
+                cond,
+                gen,
+                noise_offset=config.noise_offset,
+                min_snr_gamma=config.min_snr_gamma,
+                timestep_sampling=config.timestep_sampling,
+                timesteps=timesteps[rows],
+                noise=noise[rows].to(self.device),
+            )
+            loss = per_example[:n_instance].sum() / n_global
+            if per_example.shape[0] > n_instance:
+                loss = loss + config.prior_loss_weight * per_example[n_instance:].sum() / n_global
+        return loss
+
     def run(self, resume: bool) -> TrainResult:
         config = self.config
         start = self.load_checkpoint() if (self.checkpoint_dir and resume) else 0
+        if self.ranks.shared and self.ranks.sum(start) != start * self.ranks.world:
+            raise TrainingError(
+                f"rank {self.ranks.rank} resumed at step {start} from '{self.checkpoint_dir}', another rank "
+                "elsewhere: every process must see the checkpoint rank 0 writes (a shared folder on several machines)"
+            )
         self.resumed_from = start
         if start >= config.steps:
             log.info("checkpoint already at step %d of %d: nothing to train", start, config.steps)
@@ -575,6 +756,8 @@ class _Run:
             for micro in range(config.grad_accumulation):
                 loss = self.micro_step(step, micro)
                 value = float(loss.detach())
+                if self.ranks.shared:
+                    value = self.ranks.sum(value)  # the global batch's loss: every rank sees (and checks) the same
                 if not math.isfinite(value):
                     self.optimizer.zero_grad(set_to_none=True)
                     good = self.last_checkpoint_step
@@ -588,9 +771,12 @@ class _Run:
                         f"{self.scheduler.get_last_lr()[0]:g}); {kept}. Lower the learning rate, or use fp32."
                     )
                 scaled = loss / config.grad_accumulation
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                if scaled.requires_grad:  # False only for a rank without examples in this micro-batch
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 total += value / config.grad_accumulation
             self.updating = True
+            if self.ranks.shared:
+                self.ranks.sum_gradients(self.params)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if config.max_grad_norm:
@@ -609,7 +795,10 @@ class _Run:
                 callbacks.on_step(done, config.steps, total)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 self.write_checkpoint(done)
-            if callbacks.should_stop and callbacks.should_stop():
+            stop = bool(callbacks.should_stop and callbacks.should_stop())
+            if self.ranks.shared:
+                stop = self.ranks.any(stop)
+            if stop:
                 if self.last_checkpoint_step != done:
                     self.write_checkpoint(done)
                 return self.result(done, "cancelled" if done < config.steps else "finished")

@@ -126,8 +126,7 @@ export function scaleLinear(value, d0, d1, r0, r1) {
 }
 
 /**
- * Pixel polyline for the points inside a plot box; the x domain starts at step 0 (or the first
- * kept step) and ends at `total` when known, so the curve grows across the box as steps run.
+ * Pixel polyline for the points inside a plot box (see `plotDomain` for the x range).
  * @param {{x:number,y:number}[]} points
  * @param {{x:number,y:number,w:number,h:number}} box
  * @param {{xmin:number,xmax:number,ymin:number,ymax:number}} domain
@@ -141,15 +140,16 @@ export function toPixels(points, box, domain) {
 }
 
 /**
- * The plot domain for a series: x from the first kept step (or 0) to max(total, last step);
- * y a nice range over the kept losses.
+ * The plot domain for a series: x from step 0 (or the first kept step once old points were dropped)
+ * to the last step done, so the curve fills the width from the first steps of a long run on (the total
+ * is in the stats line, not in the axis); y a nice range over the kept losses.
  */
-export function plotDomain(series, total) {
+export function plotDomain(series) {
   const e = series.extent();
-  if (!e) return { xmin: 0, xmax: Math.max(1, total || 1), ymin: 0, ymax: 1, yStep: 0.25 };
+  if (!e) return { xmin: 0, xmax: 1, ymin: 0, ymax: 1, yStep: 0.25 };
   const y = niceScale(e.ymin, e.ymax, 4);
   const xmin = series.dropped ? e.xmin : Math.min(0, e.xmin);
-  return { xmin, xmax: Math.max(e.xmax, total || 0, xmin + 1), ymin: y.min, ymax: y.max, yStep: y.step };
+  return { xmin, xmax: Math.max(e.xmax, xmin + 1), ymin: y.min, ymax: y.max, yStep: y.step };
 }
 
 /**
@@ -179,41 +179,91 @@ export function formatLoss(loss) {
   return Number(loss.toPrecision(4)).toString();
 }
 
+const IDLE = Object.freeze({
+  status: "idle",
+  outcome: null,
+  step: 0,
+  total: 0,
+  loss: null,
+  elapsed: null,
+  eta: null,
+  resumedFrom: 0,
+  message: "",
+  file: null,
+  path: null,
+});
+
 /**
  * The state a progress widget shows, folded from events: pure, so the widget only draws it.
+ * `status` is idle, running or done; `outcome` (when done) is the server's state: finished, cancelled,
+ * already finished or failed. `file` is the last checkpoint as the server names it, `path` its full path.
  * @param {object} state previous state (or undefined for a fresh one)
  * @param {{type: "progress"|"done"|"reset", detail: object}} event
  * @returns {object} new state
  */
 export function reduceProgress(state, event) {
-  const s = state ?? { status: "idle", step: 0, total: 0, loss: null, elapsed: null, eta: null, file: null };
+  const s = state ?? IDLE;
   const d = event.detail ?? {};
-  if (event.type === "reset") return { status: "idle", step: 0, total: 0, loss: null, elapsed: null, eta: null, file: null };
+  const num = (v, fallback) => (v !== null && v !== undefined && Number.isFinite(Number(v)) ? Number(v) : fallback);
+  if (event.type === "reset") return { ...IDLE };
   if (event.type === "progress") {
+    const step = num(d.step, 0);
+    // A step not after the shown one is a new run: nothing of the old one carries over.
+    const base = s.status === "running" && step > s.step ? s : IDLE;
     return {
-      ...s,
+      ...base,
       status: "running",
-      step: Number(d.step) || 0,
-      total: Number(d.total) || s.total || 0,
-      loss: Number.isFinite(d.loss) ? d.loss : s.loss,
-      elapsed: Number.isFinite(d.elapsed) ? d.elapsed : s.elapsed,
+      outcome: null,
+      step,
+      total: num(d.total, base.total),
+      loss: Number.isFinite(d.loss) ? d.loss : base.loss,
+      elapsed: Number.isFinite(d.elapsed) ? d.elapsed : base.elapsed,
       eta: Number.isFinite(d.eta) ? d.eta : null,
+      resumedFrom: num(d.resumed_from, base.resumedFrom),
+      message: "",
       file: null,
+      path: null,
     };
   }
   if (event.type === "done") {
     // How the run ended, as the server says: finished, cancelled, already finished, failed (older servers: none).
     const outcome = d.state ?? "finished";
-    const steps = Number(d.steps);
+    const steps = num(d.steps, NaN);
+    const losses = Array.isArray(d.losses) ? d.losses : [];
+    const lastLoss = losses.length ? Number(losses[losses.length - 1][1]) : NaN;
     return {
       ...s,
       status: "done",
       outcome,
       message: d.message ?? "",
       step: Number.isFinite(steps) && (steps > 0 || outcome !== "finished") ? steps : s.step,
-      eta: 0,
+      // An already finished run may hold more steps than the settings now ask for: never "Step 9/7".
+      total: Math.max(num(d.total, s.total), Number.isFinite(steps) ? steps : 0),
+      loss: Number.isFinite(lastLoss) ? lastLoss : s.loss,
+      elapsed: num(d.elapsed, s.elapsed),
+      eta: null,
+      resumedFrom: num(d.resumed_from, s.resumedFrom),
       file: d.file ?? null,
+      path: d.path ?? null,
     };
   }
   return s;
+}
+
+/**
+ * The view's status line: what the run is doing or how it ended, with its checkpoint file.
+ * @returns {{text: string, kind: string}} kind: idle, running, finished, cancelled, already, failed
+ */
+export function statusLine(s) {
+  const resumed = s.resumedFrom > 0 ? `resumed from step ${s.resumedFrom}` : "";
+  if (s.status === "idle") return { text: "Waiting for training to start", kind: "idle" };
+  if (s.status === "running") return { text: resumed ? `Running, ${resumed}` : "Running", kind: "running" };
+  const saved = s.file ? `checkpoint ${s.file}` : "no checkpoint";
+  const from = resumed ? `, ${resumed}` : "";
+  if (s.outcome === "cancelled") return { text: `Cancelled at step ${s.step}${from}; ${saved}`, kind: "cancelled" };
+  if (s.outcome === "failed") return { text: `Failed after step ${s.step}: ${s.message}; ${saved}`, kind: "failed" };
+  if (s.outcome === "already finished") {
+    return { text: `Already finished at step ${s.step}, nothing trained; ${saved}`, kind: "already" };
+  }
+  return { text: `Finished at step ${s.step}${from}; ${saved}`, kind: "finished" };
 }

@@ -235,7 +235,10 @@ class ComfyPage:
         The page hears "executed" and our done event while the prompt still runs; the server writes
         the history entry only when the whole prompt has ended, so read it once nothing is queued.
         """
-        idle = "async () => { const q = await (await fetch('/queue')).json(); return q.queue_running.length + q.queue_pending.length === 0; }"
+        idle = (
+            "async () => { const q = await (await fetch('/queue')).json();"
+            " return q.queue_running.length + q.queue_pending.length === 0; }"
+        )
         deadline = time.monotonic() + 60
         while not self.js(idle):
             assert time.monotonic() < deadline, "the queue is still busy after 60 s"

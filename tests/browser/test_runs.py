@@ -40,13 +40,15 @@ PRUNE_EXAMPLE = """([keep, steps, seed, runName]) => {
   set('steps', steps); set('batch_size', 1); set('seed', seed);
   set('checkpoint_every', 0); set('run_name', runName); set('resume', false);
   app.canvas.ds.scale = 1;
-  app.canvas.ds.offset = [-600, -420];  // the progress view at the node's foot in sight
+  // The progress view at the node's foot in sight, wherever the example places the node.
+  app.canvas.ds.offset = [120 - train.pos[0], 860 - train.pos[1] - train.size[1]];
   app.canvas.setDirty(true, true);
   return app.graph.nodes.map(n => n.type).sort();
 }"""
 
 # The Train node's progress view as the page shows it: status, step (dataset and text), points in
-# the series, and the drawn smoothed curve (orange, 255,170,40): its pixel count and rightmost column.
+# the series, the status line and its checkpoint file (text and tooltip), and the drawn smoothed curve
+# (orange, 255,170,40): its pixel count and rightmost column.
 # Waits two animation frames first so the canvas holds the latest draw.
 SAMPLE = """async () => {
   await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
@@ -60,8 +62,10 @@ SAMPLE = """async () => {
     }
   const text = (k) => root.querySelector(`[data-key=${k}]`)?.textContent ?? null;
   return {status: root.dataset.status ?? 'idle', step: Number(root.dataset.step ?? 0),
-          points: Number(root.dataset.points ?? 0), pixels, right, width: c.width,
-          stepText: text('step'), loss: text('loss'), elapsed: text('elapsed'), eta: text('eta'), file: text('file')};
+          outcome: root.dataset.outcome ?? '', resumedFrom: Number(root.dataset.resumedFrom ?? 0),
+          points: Number(root.dataset.points ?? 0), pixels, right, width: c.width, ratio: window.devicePixelRatio || 1,
+          stepText: text('step'), loss: text('loss'), elapsed: text('elapsed'), eta: text('eta'),
+          line: text('status'), file: text('file'), fileTip: root.querySelector('[data-key=file]')?.title ?? null};
 }"""
 VIEW_STEP = (
     "() => { const r = document.querySelector('[data-testid=lw-train-progress]');"
@@ -87,7 +91,9 @@ def test_live_training_progress(ui, node_types):
     assert types == sorted(["CheckpointLoaderSimple", "LoraWorkbenchImageFolder", "LoraWorkbenchTrain", "SaveImage"])
     view = page.locator("[data-testid=lw-train-progress]")
     view.wait_for()
-    assert page.locator("[data-testid=lw-train-stats] [data-key=idle]").is_visible()
+    assert (
+        page.locator("[data-testid=lw-train-stats] [data-key=status]").inner_text() == "Waiting for training to start"
+    )
 
     page.locator(RUN).first.click()
     # First reading: training has started and is a few steps in.
@@ -112,8 +118,11 @@ def test_live_training_progress(ui, node_types):
     assert second["stepText"] == f"Step {second['step']}/{TRAIN_STEPS}", readings
     # One point per step so far, and the curve drawn further across the plot.
     assert first["points"] == first["step"] and second["points"] == second["step"], readings
-    assert 0 < first["pixels"] < second["pixels"], readings
-    assert 0 <= first["right"] < second["right"], readings
+    # The x-axis spans the steps done so far: the curve reaches the plot's right edge at every reading.
+    plot_right = first["width"] - 8 * first["ratio"]  # js/train_progress.js PAD.right
+    assert first["pixels"] > 0 and second["pixels"] > 0, readings
+    assert first["right"] >= plot_right - 3 and second["right"] >= plot_right - 3, readings
+    assert first["line"] == "Running" and second["line"] == "Running", readings
     assert first["loss"].startswith("Loss ") and first["loss"] != "Loss --", readings
     assert second["eta"] != "Remaining --:--", readings
 
@@ -124,9 +133,13 @@ def test_live_training_progress(ui, node_types):
     )
     done = ui.js(SAMPLE)
     assert done["step"] == TRAIN_STEPS and done["stepText"] == f"Step {TRAIN_STEPS}/{TRAIN_STEPS}", done
-    assert done["points"] == TRAIN_STEPS and done["pixels"] >= second["pixels"], done
-    assert done["eta"] == "Remaining 0:00", done
-    assert done["file"].startswith("Finished: run ") and f"browser_live_{renderer}" in done["file"], done
+    assert done["points"] == TRAIN_STEPS and done["pixels"] > 0 and done["outcome"] == "finished", done
+    assert done["eta"] is None, "no time remaining is shown once the run has ended"
+    # The checkpoint's tensor file, relative to the checkpoints folder; its absolute path as the tooltip.
+    ckpt_file = f"browser_live_{renderer}/step-{TRAIN_STEPS:06d}.safetensors"
+    assert done["line"] == f"Finished at step {TRAIN_STEPS}; checkpoint {ckpt_file}", done
+    assert done["file"] == ckpt_file and done["fileTip"].endswith("/lora_workbench/checkpoints/" + ckpt_file), done
+    assert Path(done["fileTip"]).is_file(), done
     # The run itself: the loss-curve image reached its SaveImage, and the prompt succeeded.
     page.wait_for_function("() => app.nodeOutputs?.['12']?.images?.length > 0", timeout=30_000, polling=100)
     entry = ui.last_prompt()
@@ -292,19 +305,54 @@ def test_cancel_in_the_browser_keeps_the_cancel_step_and_resumes(ui, node_types,
     )
     cancelled = ui.js(SAMPLE)
     ui.screenshot("train-cancelled")
-    assert cancelled["file"].startswith("Cancelled at step "), cancelled
     step = json.loads(checkpoint.read_text())["step"]
-    assert 3 <= step < 400 and f"Cancelled at step {step} " in cancelled["file"], (step, cancelled)
+    ckpt_file = f"browser_cancel/step-{step:06d}.safetensors"
+    assert 3 <= step < 400 and cancelled["outcome"] == "cancelled", (step, cancelled)
+    # The view stops at the step the checkpoint holds, names that checkpoint, and shows no time remaining.
+    assert cancelled["line"] == f"Cancelled at step {step}; checkpoint {ckpt_file}", (step, cancelled)
+    assert cancelled["stepText"] == f"Step {step}/400" and cancelled["eta"] is None, cancelled
+    assert Path(cancelled["fileTip"]).is_file() and cancelled["fileTip"].endswith(ckpt_file), cancelled
 
-    ui.js("(n) => { app.graph.getNodeById(3).widgets.find(w => w.name === 'steps').value = n; }", step + 2)
+    # Resumed: the view says so while it runs, with the checkpoint's losses drawn before the new ones.
+    set_steps = "(n) => { app.graph.getNodeById(3).widgets.find(w => w.name === 'steps').value = n; }"
+    ui.js(set_steps, step + 6)
     page.locator(RUN).first.click()
     page.wait_for_function(
-        "() => { const r = document.querySelector('[data-testid=lw-train-progress]');"
-        " return r?.dataset.status === 'done' && r.textContent.includes('Finished'); }",
+        "(s) => { const r = document.querySelector('[data-testid=lw-train-progress]');"
+        " return r?.dataset.status === 'running' && Number(r.dataset.step) > s; }",
+        arg=step,
+        timeout=120_000,
+        polling=50,
+    )
+    resumed = ui.js(SAMPLE)
+    ui.screenshot("train-resumed")
+    assert resumed["line"] == f"Running, resumed from step {step}" and resumed["resumedFrom"] == step, resumed
+    assert resumed["points"] == resumed["step"] > step, f"the checkpoint's history is in the curve: {resumed}"
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=lw-train-progress]')?.dataset.status === 'done'",
         timeout=120_000,
         polling=100,
     )
+    finished = ui.js(SAMPLE)
+    end_file = f"browser_cancel/step-{step + 6:06d}.safetensors"
+    assert finished["line"] == f"Finished at step {step + 6}, resumed from step {step}; checkpoint {end_file}"
     entry = ui.last_prompt()
     summary = entry["outputs"]["3"]["text"][0]
-    assert summary.startswith(f"finished after {step + 2}/{step + 2} steps") and f"resumed at step {step}" in summary
-    assert json.loads(checkpoint.read_text())["step"] == step + 2
+    assert summary.startswith(f"finished after {step + 6}/{step + 6} steps") and f"resumed at step {step}" in summary
+    assert json.loads(checkpoint.read_text())["step"] == step + 6
+
+    # Already finished: fewer steps than the checkpoint holds, resume on; the run's curve and numbers stay.
+    ui.js(set_steps, step + 4)
+    page.locator(RUN).first.click()
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=lw-train-progress]')?.dataset.outcome === 'already finished'",
+        timeout=120_000,
+        polling=100,
+    )
+    already = ui.js(SAMPLE)
+    ui.screenshot("train-already-finished")
+    assert already["line"] == f"Already finished at step {step + 6}, nothing trained; checkpoint {end_file}", already
+    assert already["points"] == step + 6 and already["pixels"] > 0 and already["loss"] != "Loss -", already
+    assert already["elapsed"] != "Elapsed --:--", already
+    assert ui.last_prompt()["status"]["status_str"] == "success"
+    assert ui.our_errors() == []

@@ -77,7 +77,8 @@ def test_stack_rows_editing(ui, renderer, fixtures_info):
         page.click(f"{ROOT} [data-testid=lw-add]")
     rows = rows_of(ui, node_id)
     assert len(rows) == 3
-    assert sorted(r["lora"] for r in rows) == sorted(fixtures_info["loras"]), "each new row picks an unused file"
+    # Each new row picks a file no row uses yet (the list may hold files other tests saved, e.g. test_results.py).
+    assert len({r["lora"] for r in rows}) == 3, rows
     assert all(r["on"] and r["strength"] == 1 and r["strength_clip"] is None for r in rows)
     assert page.locator(ROW).count() == 3
     # 3 x 1.0 is over the limit: the warning shows.
@@ -344,64 +345,3 @@ def test_info_route(server):
     assert status == 200 and info["exists"] is False and "not found" in info["error"]
     status, _ = get("")
     assert status == 400
-
-
-def test_train_progress_from_events(ui, renderer, node_types):
-    """Progress events draw step, loss, times and a loss curve in the node the event names.
-
-    The events are dispatched in the page (`api.dispatchCustomEvent`), the way the websocket
-    client delivers the server's `send_sync`; a Train node is used when the server has one.
-    """
-    page = ui.page
-    node_type = "LoraWorkbenchTrain" if "LoraWorkbenchTrain" in node_types else STACK
-    node_id = ui.js(
-        "(t) => { const n = LiteGraph.createNode(t); n.pos = [100, 100]; app.graph.add(n); return n.id; }", node_type
-    )
-    ui.js(
-        """(id) => {
-          const total = 40;
-          for (let step = 1; step <= 30; step++) {
-            api.dispatchCustomEvent('lora_workbench.train_progress',
-              {node: String(id), step, total, loss: 0.5 * Math.exp(-step / 10) + 0.02 * Math.sin(step),
-               elapsed: step * 2, eta: (total - step) * 2});
-          }
-        }""".replace("api.", "window.comfyAPI.api.api."),
-        node_id,
-    )
-    view = page.locator("[data-testid=lw-train-progress]")
-    view.wait_for()
-    stats = page.locator("[data-testid=lw-train-stats]")
-    assert stats.locator("[data-key=step]").inner_text() == "Step 30/40"
-    assert stats.locator("[data-key=elapsed]").inner_text() == "Elapsed 1:00"
-    assert stats.locator("[data-key=eta]").inner_text() == "Remaining 0:20"
-    expected_loss = ui.js("() => 0.5 * Math.exp(-3) + 0.02 * Math.sin(30)")
-    assert stats.locator("[data-key=loss]").inner_text() == f"Loss {float(f'{expected_loss:.4g}'):g}"
-    assert view.get_attribute("data-points") == "30"
-    page.wait_for_timeout(200)  # one animation frame draws the curve
-    # The smoothed curve is orange (255,170,40); count its pixels on the canvas.
-    orange = page.evaluate(
-        """() => { const c = document.querySelector('[data-testid=lw-loss-canvas]');
-          const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
-          for (let i = 0; i < d.length; i += 4)
-            if (d[i] > 200 && d[i+1] > 120 && d[i+1] < 210 && d[i+2] < 100 && d[i+3] > 200) n++;
-          return {n, w: c.width, h: c.height}; }"""
-    )
-    assert orange["w"] > 100 and orange["h"] > 50, orange
-    assert orange["n"] > 50, f"no loss curve drawn: {orange}"
-    ui.js(
-        "(id) => window.comfyAPI.api.api.dispatchCustomEvent('lora_workbench.train_done',"
-        " {node: String(id), state: 'finished', file: 'my_lora', steps: 40})",
-        node_id,
-    )
-    assert view.get_attribute("data-status") == "done"
-    assert stats.locator("[data-key=file]").inner_text() == "Finished: run my_lora"
-    assert stats.locator("[data-key=step]").inner_text() == "Step 40/40"
-    ui.screenshot(f"train-progress-{renderer}")
-    # How a run ended is said as the server says it: cancelled at its checkpoint's step.
-    ui.js(
-        "(id) => window.comfyAPI.api.api.dispatchCustomEvent('lora_workbench.train_done',"
-        " {node: String(id), state: 'cancelled', file: 'my_lora', steps: 12})",
-        node_id,
-    )
-    assert stats.locator("[data-key=file]").inner_text() == "Cancelled at step 12 (checkpoint kept in my_lora)"
-    assert ui.our_errors() == []

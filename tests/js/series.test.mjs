@@ -12,6 +12,7 @@ import {
   plotDomain,
   reduceProgress,
   scaleLinear,
+  statusLine,
   toPixels,
 } from "../../js/lib/series.js";
 
@@ -56,15 +57,16 @@ test("scaleLinear and toPixels put low loss at the bottom of the box", () => {
   assert.deepEqual(px, [[10, 70], [110, 20]]);
 });
 
-test("plotDomain spans to the total number of steps", () => {
+test("plotDomain spans the steps done so far, not the total", () => {
   const s = new PointSeries(100);
   s.push(1, 0.4);
   s.push(2, 0.2);
-  const d = plotDomain(s, 50);
+  s.push(30, 0.1);
+  const d = plotDomain(s);
   assert.equal(d.xmin, 0);
-  assert.equal(d.xmax, 50);
-  assert.ok(d.ymin <= 0.2 && d.ymax >= 0.4);
-  assert.equal(plotDomain(new PointSeries(5), 0).xmax, 1);
+  assert.equal(d.xmax, 30, "early in a long run the curve fills the width");
+  assert.ok(d.ymin <= 0.1 && d.ymax >= 0.4);
+  assert.equal(plotDomain(new PointSeries(5)).xmax, 1);
 });
 
 test("ema is bias corrected", () => {
@@ -93,15 +95,46 @@ test("formatLoss", () => {
 test("reduceProgress folds progress and done events", () => {
   let s = reduceProgress(undefined, { type: "progress", detail: { step: 3, total: 10, loss: 0.5, elapsed: 6, eta: 14 } });
   assert.deepEqual(
-    [s.status, s.step, s.total, s.loss, s.elapsed, s.eta],
-    ["running", 3, 10, 0.5, 6, 14],
+    [s.status, s.step, s.total, s.loss, s.elapsed, s.eta, s.resumedFrom],
+    ["running", 3, 10, 0.5, 6, 14, 0],
   );
   s = reduceProgress(s, { type: "progress", detail: { step: 4, total: 10, loss: NaN, elapsed: 8 } });
   assert.equal(s.loss, 0.5, "a NaN loss keeps the last shown value");
   assert.equal(s.eta, null);
-  s = reduceProgress(s, { type: "done", detail: { file: "me.safetensors", steps: 10 } });
-  assert.deepEqual([s.status, s.step, s.file, s.eta], ["done", 10, "me.safetensors", 0]);
+  s = reduceProgress(s, { type: "done", detail: { file: "me/step-000010.safetensors", path: "/o/me/step-000010.safetensors", steps: 10 } });
+  assert.deepEqual([s.status, s.outcome, s.step, s.file, s.eta], ["done", "finished", 10, "me/step-000010.safetensors", null]);
   assert.equal(reduceProgress(s, { type: "reset" }).status, "idle");
+  // A new run after a finished one starts from nothing (no old loss or file).
+  const next = reduceProgress(s, { type: "progress", detail: { step: 1, total: 5, resumed_from: 0 } });
+  assert.deepEqual([next.status, next.loss, next.file, next.total], ["running", null, null, 5]);
+});
+
+test("statusLine says the run's real state", () => {
+  const run = (detail) => reduceProgress(undefined, { type: "progress", detail });
+  const end = (s, detail) => statusLine(reduceProgress(s, { type: "done", detail }));
+  assert.equal(statusLine(reduceProgress(undefined, { type: "reset" })).text, "Waiting for training to start");
+  assert.equal(statusLine(run({ step: 3, total: 9 })).text, "Running");
+  const resumed = run({ step: 33, total: 40, resumed_from: 32 });
+  assert.equal(statusLine(resumed).text, "Running, resumed from step 32");
+  const file = "my_lora/step-000012.safetensors";
+  assert.deepEqual(end(run({ step: 12, total: 40 }), { state: "cancelled", steps: 12, file }), {
+    text: `Cancelled at step 12; checkpoint ${file}`,
+    kind: "cancelled",
+  });
+  assert.equal(
+    end(resumed, { state: "finished", steps: 40, resumed_from: 32, file }).text,
+    `Finished at step 40, resumed from step 32; checkpoint ${file}`,
+  );
+  assert.equal(
+    end(undefined, { state: "already finished", steps: 40, resumed_from: 40, file }).text,
+    `Already finished at step 40, nothing trained; checkpoint ${file}`,
+  );
+  const already = reduceProgress(undefined, { type: "done", detail: { state: "already finished", steps: 9, total: 7 } });
+  assert.deepEqual([already.step, already.total], [9, 9]);
+  assert.equal(
+    end(run({ step: 5 }), { state: "failed", steps: 0, message: "RuntimeError: boom" }).text,
+    "Failed after step 0: RuntimeError: boom; no checkpoint",
+  );
 });
 
 test("infoRows and settingsLines", () => {
