@@ -42,13 +42,15 @@ text encoders.
     .venv/bin/python benchmarks/bench_train_memory.py [--models sd15,sdxl] [--size 64] [--batch 1] [--steps 3]
         [--repeats 3] [--device cpu|cuda]
 
-About 6 minutes on 2 quiet cores with 3 repeats, 2 with ``--repeats 1`` (``--quick``: sd15 only, one step).
+About 7-8 minutes on 2 quiet cores with 3 repeats, 2.5 with ``--repeats 1`` (``--quick``: sd15 only, one step).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,6 +118,7 @@ def _load_comfy(model: str, cuda: bool):
     from lora_workbench.headless import comfy_env, examples
 
     base = comfy_env.import_comfy_core(Path(tempfile.mkdtemp(prefix="bench_mem_")))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)  # its models, inputs, checkpoints
     if cuda:  # import_comfy_core asks for --cpu (these machines have no GPU); on a GPU machine, use it
         import comfy.cli_args
 

@@ -30,7 +30,9 @@ same comparison: ``bench_train_memory.py``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +81,7 @@ def _child(side: str, configs: list, steps: int, targets: str) -> None:
     from lora_workbench.headless import comfy_compat, comfy_env, examples
 
     base = comfy_env.import_comfy_core(Path(tempfile.mkdtemp(prefix="bench_train_")))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)  # its models, inputs, checkpoints
     examples.prepare_assets(base)
     runtime = comfy_env.import_comfyui(base)
     import torch

@@ -24,7 +24,9 @@ about 15 minutes).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -54,7 +56,7 @@ SETTINGS = [
     ("optimizer", "AdamW(fused=True) where supported", "AdamW (torch default: foreach)"),
     ("LoRA init", "peft default (A kaiming, B zero)", "peft gaussian (as the script)"),
     ("noise, timesteps", "per-step seeded generators", "global generator"),
-    ("per-step extras", "loss.item(), progress callback", "none"),
+    ("per-step extras", "loss.item() (a sync), LR scheduler step", "LR scheduler step"),
 ]
 
 
@@ -167,6 +169,7 @@ def _child(impl: str, configs: list, steps: int, count_flops: bool) -> None:
     from lora_workbench.trainer.tiny_models import tiny_parts
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ref_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     for res in sorted({c[0] for c in configs}):
         _images(tmp / f"subject{res}", res, 4, 0)
         _images(tmp / f"class{res}", res, 4, 1)

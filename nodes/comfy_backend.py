@@ -24,6 +24,7 @@ patches (attention or block patches from other nodes) are not applied during tra
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,7 +144,18 @@ def _make_autograd_safe(module: torch.nn.Module) -> int:
                 if b is not None and b.is_inference():
                     sub._buffers[name] = b.clone()
                     replaced += 1
+    if replaced:
+        _give_freed_memory_back()
     return replaced
+
+
+def _give_freed_memory_back() -> None:
+    """Return freed heap memory to the system (glibc keeps it otherwise: measured 0.2x the base model's size of
+    resident memory after the swap on the CPU, ``benchmarks/bench_train_memory.py``). A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _clone_input(_module, args):
