@@ -8,8 +8,8 @@ executor runs nodes), encode the data, then train a few steps. Measured:
   exists: ours at ``ComfyModelApi.prepare_for_training`` (inside the Train node, after it encoded images and
   prompts), core just before ``TrainLoraNode.execute`` (its inputs are encoded latents and conditioning), the
   reference before ``unet.add_adapter``. So it holds LoRA layers, optimizer state, gradients, activations and
-  whatever copy of the weights a side makes (core's adapted weights ``W + BA``, ours' autograd-safe swap of
-  ComfyUI's inference-mode weights).
+  whatever copy of the weights a side makes (core's adapted weights ``W + BA``; ours makes none: its
+  autograd-safe stand-ins for ComfyUI's inference-mode weights share their memory).
 - **set-up**: the peak reached before the first forward pass (a forward pre-hook on the UNet), over the same
   start: LoRA layers, optimizer, weight swaps, before any activation.
 - **call**: the same for the whole node call including encoding, over the RSS after loading (ComfyUI sides);
@@ -43,6 +43,7 @@ text encoders.
         [--repeats 3] [--device cpu|cuda]
 
 About 7-8 minutes on 2 quiet cores with 3 repeats, 2.5 with ``--repeats 1`` (``--quick``: sd15 only, one step).
+``import_runtime``, ``example_dataset`` and ``train_comfy_side`` also serve ``bench_train_gpu.py`` (real-size models).
 """
 
 from __future__ import annotations
@@ -113,18 +114,27 @@ def _diffusers_unet(model: str):
     return unet, context, pooled
 
 
-def _load_comfy(model: str, cuda: bool):
-    """Import ComfyUI with this pack; return (runtime, MODEL, CLIP, VAE) loaded as ComfyUI's executor would."""
+def import_runtime(cuda: bool, prefix: str = "bench_mem_", checkpoint: bool = True):
+    """Import ComfyUI with this pack and the example assets into a temporary base folder (removed at exit).
+
+    ``cuda``: let ComfyUI use the GPU (without it ComfyUI runs with ``--cpu``, as on machines without one).
+    ``checkpoint``: all the example assets (the tiny checkpoint, built once into the cache, and the example LoRAs);
+    without it only the training images.
+    """
     from lora_workbench.headless import comfy_env, examples
 
-    base = comfy_env.import_comfy_core(Path(tempfile.mkdtemp(prefix="bench_mem_")))
+    base = comfy_env.import_comfy_core(Path(tempfile.mkdtemp(prefix=prefix)), cpu=not cuda)
     atexit.register(shutil.rmtree, base, ignore_errors=True)  # its models, inputs, checkpoints
-    if cuda:  # import_comfy_core asks for --cpu (these machines have no GPU); on a GPU machine, use it
-        import comfy.cli_args
+    if checkpoint:
+        examples.prepare_assets(base)
+    else:
+        shutil.copytree(examples.TRAIN_IMAGES, base / "input" / examples.DATASET_INPUT_NAME)
+    return comfy_env.import_comfyui(base)
 
-        comfy.cli_args.args.cpu = False
-    examples.prepare_assets(base)
-    runtime = comfy_env.import_comfyui(base)
+
+def _load_comfy(model: str, cuda: bool):
+    """Import ComfyUI with this pack; return (runtime, MODEL, CLIP, VAE) loaded as ComfyUI's executor would."""
+    runtime = import_runtime(cuda)
     import torch
 
     with torch.inference_mode():
@@ -137,6 +147,103 @@ def _load_comfy(model: str, cuda: bool):
             tiny = tf.build("sdxl")
             m, clip, vae = tiny.model, tiny.clip, tiny.vae
     return runtime, m, clip, vae
+
+
+def example_dataset(runtime, size: int):
+    """Return the example training images (examples/train_images) at ``size`` px, through our Image Folder node."""
+    from lora_workbench.headless import examples
+
+    folder = runtime.node_classes["LoraWorkbenchImageFolder"]
+    return folder.execute(
+        examples.DATASET_INPUT_NAME, "sks", "toy", "a photo of {trigger} {class_noun}", size, "center", False,
+        False, 1, 0.0,
+    ).result[0]  # fmt: skip
+
+
+def train_comfy_side(
+    runtime,
+    side: str,
+    m,
+    clip,
+    vae,
+    dataset,
+    *,
+    steps: int,
+    rank: int,
+    batch: int,
+    on_start,
+    lr: float = LR,
+    precision: str = "fp32",
+    training_dtype: str = "fp32",
+    lora_dtype: str = "fp32",
+    gradient_checkpointing: bool = False,
+    custom_targets: str = "",
+    alpha: float | None = None,
+    run_name: str = "bench_memory",
+) -> None:
+    """Train ``steps`` steps with ComfyUI core's TrainLoraNode (``side`` "core") or our Train LoRA node (any other
+    side), under ``torch.inference_mode`` as ComfyUI's executor runs nodes.
+
+    ``on_start()`` is called where training starts: for core after this function encoded the images (VAE) and
+    captions (CLIP), as a workflow's encode nodes would, just before the node; for ours at
+    ``ComfyModelApi.prepare_for_training``, after the node encoded them. ``precision``, ``alpha`` (None: our default,
+    alpha = rank) and ``custom_targets`` are ours; ``training_dtype`` and ``lora_dtype`` core's.
+    """
+    import torch
+
+    if side == "core":
+        node = runtime.node_classes["TrainLoraNode"]
+        from lora_workbench.headless import comfy_compat
+
+        with torch.inference_mode():
+            latents = [{"samples": vae.encode(e.pixels.movedim(0, -1)[None])} for e in dataset.examples]
+            positive = [clip.encode_from_tokens_scheduled(clip.tokenize(e.caption)) for e in dataset.examples]
+            inputs = comfy_compat.input_defaults(node)
+            inputs.update(
+                batch_size=batch,
+                grad_accumulation_steps=1,
+                steps=steps,
+                learning_rate=lr,
+                rank=rank,
+                seed=0,
+                training_dtype=training_dtype,
+                lora_dtype=lora_dtype,
+                gradient_checkpointing=gradient_checkpointing,
+            )
+            on_start()
+            node.execute(model=[m], latents=latents, positive=positive, **{k: [v] for k, v in inputs.items()})
+        return
+    node = runtime.node_classes["LoraWorkbenchTrain"]
+    api_class = sys.modules[node.__module__].ComfyModelApi
+    prepare = api_class.prepare_for_training
+
+    def prepare_measured(self, *args, **kwargs):
+        on_start()
+        return prepare(self, *args, **kwargs)
+
+    api_class.prepare_for_training = prepare_measured
+    settings = {} if alpha is None else {"alpha": alpha}
+    try:
+        with torch.inference_mode():
+            node.execute(
+                model=m,
+                clip=clip,
+                vae=vae,
+                dataset=dataset,
+                run_name=run_name,
+                resume=False,
+                steps=steps,
+                rank=rank,
+                batch_size=batch,
+                learning_rate=lr,
+                precision=precision,
+                gradient_checkpointing=gradient_checkpointing,
+                seed=0,
+                custom_targets=custom_targets,
+                **settings,
+            )
+    finally:
+        api_class.prepare_for_training = prepare
 
 
 def _child(model: str, side: str, size: int, batch: int, steps: int, cuda: bool) -> dict:
@@ -220,18 +327,12 @@ def _child(model: str, side: str, size: int, batch: int, steps: int, cuda: bool)
             opt.zero_grad()
         out["after"] = None
     else:
-        from lora_workbench.headless import examples
-
         runtime, m, clip, vae = _load_comfy(model, cuda)
         dm = m.model.diffusion_model
         dm.register_forward_pre_hook(first_forward)
         out["base_bytes"] = sum(p.numel() * p.element_size() for p in dm.parameters())
         out["base_params"] = sum(p.numel() for p in dm.parameters())
-        folder = runtime.node_classes["LoraWorkbenchImageFolder"]
-        dataset = folder.execute(
-            examples.DATASET_INPUT_NAME, "sks", "toy", "a photo of {trigger} {class_noun}", size, "center", False,
-            False, 1, 0.0,
-        ).result[0]  # fmt: skip
+        dataset = example_dataset(runtime, size)
         if cuda:
             import comfy.model_management
 
@@ -240,55 +341,12 @@ def _child(model: str, side: str, size: int, batch: int, steps: int, cuda: bool)
         mem = PeakMemory(cuda)
         loaded, loaded_gpu = mem.rss(), mem.gpu_now()
         mem.reset()
-        if side == "core":
-            node = runtime.node_classes["TrainLoraNode"]
-            from lora_workbench.headless import comfy_compat
-
-            with torch.inference_mode():
-                latents = [{"samples": vae.encode(e.pixels.movedim(0, -1)[None])} for e in dataset.examples]
-                positive = [clip.encode_from_tokens_scheduled(clip.tokenize(e.caption)) for e in dataset.examples]
-                inputs = comfy_compat.input_defaults(node)
-                inputs.update(
-                    batch_size=batch,
-                    grad_accumulation_steps=1,
-                    steps=steps,
-                    learning_rate=LR,
-                    rank=RANK,
-                    seed=0,
-                    training_dtype="bf16" if cuda else "fp32",
-                    lora_dtype="fp32",
-                    gradient_checkpointing=False,
-                )
-                start_steps()
-                node.execute(model=[m], latents=latents, positive=positive, **{k: [v] for k, v in inputs.items()})
-        else:
-            node = runtime.node_classes["LoraWorkbenchTrain"]
-            api_class = sys.modules[node.__module__].ComfyModelApi
-            prepare = api_class.prepare_for_training
-
-            def prepare_measured(self, *args, **kwargs):
-                start_steps()
-                return prepare(self, *args, **kwargs)
-
-            api_class.prepare_for_training = prepare_measured
-            layers = core_layers(dm, RANK)[0] if side == "ours-core-layers" else []
-            with torch.inference_mode():
-                node.execute(
-                    model=m,
-                    clip=clip,
-                    vae=vae,
-                    dataset=dataset,
-                    run_name="bench_memory",
-                    resume=False,
-                    steps=steps,
-                    rank=RANK,
-                    batch_size=batch,
-                    learning_rate=LR,
-                    precision="fp32",  # our default: the base stays in ComfyUI's dtype, the LoRA in fp32
-                    gradient_checkpointing=False,
-                    seed=0,
-                    custom_targets=",".join(layers),
-                )
+        layers = core_layers(dm, RANK)[0] if side == "ours-core-layers" else []
+        train_comfy_side(
+            runtime, side, m, clip, vae, dataset, steps=steps, rank=RANK, batch=batch, on_start=start_steps,
+            # ours: our default precision (the base stays in ComfyUI's dtype, the LoRA in fp32)
+            training_dtype="bf16" if cuda else "fp32", custom_targets=",".join(layers),
+        )  # fmt: skip
         window["call_peak"] = max(window["call_peak"], mem.peak_rss())
         out["call_extra"] = window["call_peak"] - loaded
         release_freed_memory()

@@ -24,6 +24,11 @@ comparing version numbers:
   (``flux_unet_config``).
 - The loader's model patcher: 0.33 wraps checkpoints in ``CoreModelPatcher`` (today an alias of
   ``ModelPatcher``); 0.3.75 has only ``ModelPatcher`` (``checkpoint_model_patcher_class``).
+- Advanced inputs: 0.33's V3 inputs take ``advanced=True`` (its frontend 1.49 hides them behind "Show
+  advanced" in both renderings); 0.3.75's take no such argument. ``mark_advanced`` sets the field where the
+  input has it, and otherwise puts the same key into the input's ``extra_dict``, so ``object_info`` carries
+  ``"advanced": true`` on both; frontend 1.32 has the litegraph half of the feature (``widget.advanced``,
+  the node menu's "Show Advanced") but does not copy the flag onto widgets, which ``js/labels.js`` does.
 - 0.33 imports torchaudio at start-up (``scripts/setup.sh`` installs it), and its requirements pin
   a newer web frontend (``comfyui-frontend-package`` 1.49.6 instead of 1.32.9), hence one venv per
   version (``scripts/comfyui_env.sh``).
@@ -44,6 +49,19 @@ def cached_output(caches: Any, node_id: str):
     outputs = caches.outputs
     read = getattr(outputs, "get_local", None) or outputs.get
     return read(node_id)
+
+
+def mark_advanced(node_input: Any) -> Any:
+    """Return a V3 input marked as advanced (shown behind the node's "Show advanced"), on every version.
+
+    Sets ``advanced`` where this ComfyUI's inputs declare it (0.33); older ones (0.3.75) have no such
+    argument, so the key goes into the input's ``extra_dict``, which reaches ``object_info`` the same way.
+    """
+    if hasattr(node_input, "advanced"):
+        node_input.advanced = True
+    else:
+        node_input.extra_dict["advanced"] = True
+    return node_input
 
 
 def input_names(node_class: Any) -> set[str]:

@@ -2,7 +2,7 @@
 // clipboard, styles. Defines things only (ComfyUI loads every .js under js/ as a module).
 import { api } from "../../scripts/api.js";
 
-import { InfoCache } from "./lib/info.js";
+import { InfoCache, infoRows } from "./lib/info.js";
 
 let loraListPromise = null;
 let loraListValue = null;
@@ -118,6 +118,24 @@ export function triggerChips(words, root) {
   );
 }
 
+/** The grid of a LoRA's info (GET /lora_workbench/info): its error, rank, alpha and family rows, and its trigger
+ * words as chips (`root` records the last copied one). */
+export function infoPanel(info, root) {
+  const panel = el("div.lw-panel");
+  if (info.error) panel.append(el("span.lw-k", {}, "Error"), el("span.lw-v.lw-error", { dataset: { key: "error" } }, info.error));
+  if (info.exists !== false) {
+    for (const { key, label, value } of infoRows(info)) {
+      panel.append(el("span.lw-k", {}, label), el("span.lw-v", { dataset: { key } }, value));
+    }
+    const words = info.trigger_words ?? [];
+    panel.append(
+      el("span.lw-k", {}, "Triggers"),
+      el("span.lw-v", { dataset: { key: "trigger_words" } }, words.length ? triggerChips(words, root) : "none"),
+    );
+  }
+  return panel;
+}
+
 /** Mark a node's canvas dirty (classic renderer; harmless in Nodes 2.0). */
 export function redraw(node) {
   node?.setDirtyCanvas?.(true, true);
@@ -129,35 +147,12 @@ const CSS = `
 .lw-root { box-sizing: border-box; font: 12px/1.3 sans-serif; color: var(--input-text, #ddd);
   display: flex; flex-direction: column; gap: 4px; padding: 2px 0; overflow: hidden; width: 100%; }
 .lw-root * { box-sizing: border-box; }
-.lw-rows { display: flex; flex-direction: column; gap: 3px; overflow-y: auto; }
-.lw-row { display: flex; flex-direction: column; gap: 1px; height: 46px; padding: 2px 4px; border-radius: 4px;
-  background: var(--comfy-input-bg, #222); border: 1px solid transparent; }
-.lw-row.lw-off { opacity: 0.5; }
-.lw-row.lw-missing { border-color: var(--error-text, #f44); }
-.lw-line { display: flex; align-items: center; gap: 3px; min-width: 0; height: 22px; }
-.lw-line select { flex: 1 1 auto; min-width: 40px; height: 20px; background: var(--comfy-menu-bg, #333);
-  color: inherit; border: 1px solid var(--border-color, #555); border-radius: 3px; font-size: 12px; }
-.lw-line input[type=number] { width: 52px; height: 20px; background: var(--comfy-menu-bg, #333); color: inherit;
-  border: 1px solid var(--border-color, #555); border-radius: 3px; font-size: 12px; padding: 0 2px; }
-.lw-line input[type=checkbox] { margin: 0; }
-.lw-icon { width: 20px; height: 20px; padding: 0; font-size: 11px; line-height: 18px; cursor: pointer;
-  background: var(--comfy-menu-bg, #333); color: inherit; border: 1px solid var(--border-color, #555);
-  border-radius: 3px; }
-.lw-icon:disabled { opacity: 0.35; cursor: default; }
 .lw-sub { font-size: 11px; color: var(--descrip-text, #999); white-space: nowrap; overflow: hidden;
   text-overflow: ellipsis; height: 18px; display: flex; align-items: center; gap: 3px; }
 .lw-sub .lw-status-missing, .lw-error { color: var(--error-text, #f44); }
 .lw-trigger { font-size: 11px; padding: 0 5px; height: 16px; line-height: 14px; border-radius: 8px; cursor: copy;
   background: var(--comfy-menu-bg, #333); color: var(--input-text, #ddd); border: 1px solid var(--border-color, #555); }
 .lw-trigger.lw-copied { border-color: #4a4; color: #8d8; }
-.lw-footer { display: flex; align-items: center; gap: 6px; flex-wrap: wrap; min-height: 22px; }
-.lw-footer button.lw-add { height: 22px; padding: 0 8px; cursor: pointer; background: var(--comfy-menu-bg, #333);
-  color: inherit; border: 1px solid var(--border-color, #555); border-radius: 3px; }
-.lw-sum { margin-left: auto; font-variant-numeric: tabular-nums; }
-.lw-warning { display: none; color: #111; background: #fa3; border-radius: 3px; padding: 0 6px; height: 20px;
-  line-height: 20px; font-weight: 600; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.lw-root.lw-over .lw-warning { display: block; }
-.lw-root.lw-over .lw-sum { color: #fa3; font-weight: 600; }
 .lw-panel { display: grid; grid-template-columns: auto 1fr; gap: 2px 8px; align-items: baseline; }
 .lw-panel .lw-k { color: var(--descrip-text, #999); }
 .lw-panel .lw-v { overflow-wrap: anywhere; }
@@ -180,7 +175,7 @@ const CSS = `
 .lw-chart canvas { position: absolute; inset: 0; }
 `;
 
-/** Add the pack's stylesheet to the page once. */
+/** Add the pack's shared stylesheet to the page once (the stack editor adds its own rules in stack.js). */
 export function injectStyle() {
   if (document.getElementById(STYLE_ID)) return;
   const style = document.createElement("style");

@@ -2,8 +2,8 @@
 // and training settings of the chosen file, from GET /lora_workbench/info.
 import { app } from "../../scripts/app.js";
 
-import { el, infoCache, injectStyle, redraw, refreshLoras, triggerChips } from "./common.js";
-import { infoRows, settingsLines } from "./lib/info.js";
+import { el, infoCache, infoPanel, injectStyle, redraw, refreshLoras } from "./common.js";
+import { settingsLines } from "./lib/info.js";
 
 const NODE_CLASS = "LoraWorkbenchInfo";
 const NAME_WIDGET = "lora_name";
@@ -33,18 +33,7 @@ class InfoPanel {
   }
 
   render(info) {
-    const panel = el("div.lw-panel");
-    if (info.error) panel.append(el("span.lw-k", {}, "Error"), el("span.lw-v.lw-error", { dataset: { key: "error" } }, info.error));
-    if (info.exists !== false) {
-      for (const { key, label, value } of infoRows(info)) {
-        panel.append(el("span.lw-k", {}, label), el("span.lw-v", { dataset: { key } }, value));
-      }
-      const words = info.trigger_words ?? [];
-      panel.append(
-        el("span.lw-k", {}, "Triggers"),
-        el("span.lw-v", { dataset: { key: "trigger_words" } }, words.length ? triggerChips(words, this.root) : "none"),
-      );
-    }
+    const panel = infoPanel(info, this.root);
     const settings = settingsLines(info.training_settings);
     const children = [panel];
     if (settings.length) {

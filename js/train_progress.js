@@ -1,6 +1,7 @@
 // Training progress inside the node: step/total, loss, elapsed and remaining time, and a live
 // loss curve, from the server's `lora_workbench.train_progress` / `lora_workbench.train_done`
-// events. The view is a DOM widget holding a <canvas>, so it draws the same in the classic
+// events; with Training Previews connected, the validation loss on the same chart and the latest
+// preview images (with and without the trigger) below it (`lora_workbench.train_validation`). The view is a DOM widget holding a <canvas>, so it draws the same in the classic
 // renderer and in Nodes 2.0. It is added to the Train node when created, and to any node an
 // event names that lacks it (so a run started before the page loaded still shows).
 import { api } from "../../scripts/api.js";
@@ -13,6 +14,7 @@ import {
   formatDuration,
   formatLoss,
   plotDomain,
+  previewItems,
   reduceProgress,
   statusLine,
   toPixels,
@@ -21,14 +23,23 @@ import {
 const NODE_CLASS = "LoraWorkbenchTrain";
 export const PROGRESS_EVENT = "lora_workbench.train_progress";
 export const DONE_EVENT = "lora_workbench.train_done";
+export const VALIDATION_EVENT = "lora_workbench.train_validation";
 const WIDGET_NAME = "lora_train_progress";
 const CAPACITY = 4000;
 const PAD = { left: 40, right: 8, top: 8, bottom: 16 };
+const COLORS = { loss: "rgba(90,160,255,0.55)", average: "rgb(255,170,40)", validation: "rgb(80,210,120)" };
+const PREVIEW_STYLE = "display:flex;gap:4px;flex:none;";
+const FIGURE_STYLE = "flex:1 1 0;min-width:0;margin:0;display:flex;flex-direction:column;align-items:center;";
+const IMAGE_STYLE = "width:100%;aspect-ratio:1;object-fit:contain;border-radius:4px;background:var(--comfy-input-bg,#222);";
+const CAPTION_STYLE = "font-size:10px;color:var(--descrip-text,#999);white-space:nowrap;overflow:hidden;max-width:100%;";
 
 class ProgressView {
   constructor(node) {
     this.node = node;
     this.series = new PointSeries(CAPACITY);
+    this.validation = new PointSeries(CAPACITY);
+    this.validationBeforeRun = false; // an evaluation before the first step belongs to the run about to start
+    this.previews = el("div.lw-previews", { dataset: { testid: "lw-train-previews" }, style: PREVIEW_STYLE });
     this.state = reduceProgress(undefined, { type: "reset" });
     this.stats = el("div.lw-stats", { dataset: { testid: "lw-train-stats" } });
     this.canvas = el("canvas", { dataset: { testid: "lw-loss-canvas" } });
@@ -37,6 +48,7 @@ class ProgressView {
       { dataset: { testid: "lw-train-progress" } },
       this.stats,
       el("div.lw-chart", {}, this.canvas),
+      this.previews,
     );
     this.pending = false;
     this.renderStats();
@@ -54,19 +66,38 @@ class ProgressView {
   handle(type, detail) {
     const before = this.state;
     this.state = reduceProgress(this.state, { type, detail });
-    if (type === "progress") {
+    if (type === "validation") {
+      if (before.status !== "running" && !this.validationBeforeRun) {
+        // The evaluation before a run's first step: the next run starts here, the last one's curve goes.
+        this.validation.clear();
+        this.validationBeforeRun = true;
+      }
+      this.validation.push(Number(detail.step), Number(detail.loss));
+      this.showPreviews(detail);
+    } else if (type === "progress") {
       // A new run (the reducer started over) clears the curve; a resumed run brings its checkpoint's history.
-      if (before.status !== "running" || this.state.step <= before.step) this.series.clear();
+      const newRun = before.status !== "running" || this.state.step <= before.step;
+      if (newRun) this.series.clear();
+      if (newRun && !this.validationBeforeRun) {
+        this.validation.clear();
+        this.previews.replaceChildren();
+      }
+      this.validationBeforeRun = false;
       if (Array.isArray(detail.history) && detail.history.length) this.load(detail.history);
       this.series.push(Number(detail.step), Number(detail.loss));
-    } else if (type === "done" && Array.isArray(detail.losses) && detail.losses.length) {
-      this.load(detail.losses);
+    } else if (type === "done") {
+      if (Array.isArray(detail.losses) && detail.losses.length) this.load(detail.losses);
+      if (Array.isArray(detail.validation) && detail.validation.length) {
+        this.validation.clear();
+        for (const [x, y] of detail.validation) this.validation.push(Number(x), Number(y));
+      }
     }
     this.root.dataset.status = this.state.status;
     this.root.dataset.outcome = this.state.outcome ?? "";
     this.root.dataset.step = String(this.state.step);
     this.root.dataset.resumedFrom = String(this.state.resumedFrom);
     this.root.dataset.points = String(this.series.length);
+    this.root.dataset.validationPoints = String(this.validation.length);
     this.renderStats();
     this.schedule();
     redraw(this.node);
@@ -96,6 +127,33 @@ class ProgressView {
     this.stats.replaceChildren(...rows);
   }
 
+  /** Show the previews an evaluation brought (the newest replace the last), labelled with their step. */
+  showPreviews(detail) {
+    const items = previewItems(detail, (path) => api.apiURL(path));
+    if (!items.length) return;
+    const grew = !this.previews.childElementCount;
+    this.previews.replaceChildren(
+      ...items.map(({ src, label, prompt }) =>
+        el(
+          "figure",
+          { style: FIGURE_STYLE, title: prompt },
+          el("img", { src, alt: prompt, style: IMAGE_STYLE, dataset: { label, step: String(detail.step) } }),
+          el("figcaption", { style: CAPTION_STYLE }, `${label}, step ${detail.step}`),
+        ),
+      ),
+    );
+    this.previews.dataset.step = String(detail.step);
+    if (grew) growToFit(this.node);
+  }
+
+  /** Height the previews take at the node's width (0 without previews). */
+  previewHeight() {
+    const n = this.previews.childElementCount;
+    if (!n) return 0;
+    const width = Math.max(120, (this.node.size?.[0] ?? 280) - 20);
+    return Math.round(width / n) + 18;
+  }
+
   schedule() {
     if (this.pending) return;
     this.pending = true;
@@ -120,7 +178,7 @@ class ProgressView {
     const ch = h / ratio;
     ctx.clearRect(0, 0, cw, ch);
     const box = { x: PAD.left, y: PAD.top, w: Math.max(1, cw - PAD.left - PAD.right), h: Math.max(1, ch - PAD.top - PAD.bottom) };
-    const domain = plotDomain(this.series);
+    const domain = plotDomain(this.series, this.validation);
     const style = getComputedStyle(this.root);
     const text = style.color || "#ccc";
 
@@ -160,7 +218,7 @@ class ProgressView {
     }
 
     const points = this.series.points();
-    if (!points.length) return;
+    if (!points.length && !this.validation.length) return;
     // Raw loss, thin; its moving average, thick (the trend a user reads).
     const line = (pts, color, width) => {
       const px = toPixels(pts, box, domain);
@@ -171,9 +229,26 @@ class ProgressView {
       if (px.length === 1) ctx.lineTo(px[0][0] + 1, px[0][1]);
       ctx.stroke();
     };
-    line(points, "rgba(90,160,255,0.55)", 1);
+    line(points, COLORS.loss, 1);
     const smooth = ema(points.map((p) => p.y), 0.9);
-    line(points.map((p, i) => ({ x: p.x, y: smooth[i] })), "rgb(255,170,40)", 2);
+    line(points.map((p, i) => ({ x: p.x, y: smooth[i] })), COLORS.average, 2);
+    const held = this.validation.points();
+    if (held.length) {
+      // The validation loss: a line through its evaluations, each marked with a dot, and a small legend.
+      line(held, COLORS.validation, 2);
+      ctx.fillStyle = COLORS.validation;
+      for (const [x, y] of toPixels(held, box, domain)) {
+        ctx.beginPath();
+        ctx.arc(x, y, 2.5, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+      ctx.textAlign = "right";
+      ctx.textBaseline = "top";
+      // The newest validation loss is in the legend (the stats line has no room left for it).
+      ctx.fillText(`validation ${formatLoss(held[held.length - 1].y)}`, box.x + box.w - 2, box.y + 2);
+      ctx.fillStyle = COLORS.average;
+      ctx.fillText("loss (avg)", box.x + box.w - 2, box.y + 14);
+    }
   }
 }
 
@@ -188,7 +263,7 @@ function viewFor(node, create) {
     hideOnZoom: false,
     getValue: () => "",
     setValue: () => {},
-    getMinHeight: () => 180,
+    getMinHeight: () => 180 + view.previewHeight(),
   });
   widget.serialize = false;
   node.lwTrainProgress = view;
@@ -197,6 +272,13 @@ function viewFor(node, create) {
     node.setSize([Math.max(node.size[0], size[0], 280), Math.max(node.size[1], size[1])]);
   }
   return view;
+}
+
+/** Make the node tall enough for its widgets (the previews add a row under the chart). */
+function growToFit(node) {
+  if (!node?.computeSize || !node?.setSize) return;
+  const size = node.computeSize();
+  node.setSize([node.size[0], Math.max(node.size[1], size[1])]);
 }
 
 /** The node an event names: its id as the executor sends it (subgraph ids as "a:b" resolve to the last part in the root graph's lookup). */
@@ -213,6 +295,9 @@ app.registerExtension({
   async setup() {
     api.addEventListener(PROGRESS_EVENT, ({ detail }) => viewFor(eventNode(detail), true)?.handle("progress", detail));
     api.addEventListener(DONE_EVENT, ({ detail }) => viewFor(eventNode(detail), true)?.handle("done", detail));
+    api.addEventListener(VALIDATION_EVENT, ({ detail }) =>
+      viewFor(eventNode(detail), true)?.handle("validation", detail),
+    );
   },
 
   nodeCreated(node) {

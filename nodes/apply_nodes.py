@@ -17,6 +17,9 @@ from .types import CATEGORY_INFERENCE, LoraModel, LoraStack
 
 log = logging.getLogger(__name__)
 
+# Labels of the adapter's strength widgets, short enough that Nodes 2.0 does not cut them (input names stay).
+ADAPTER_LABELS = {"adapter_strength": "adapter", "adapter_strength_clip": "adapter CLIP"}
+
 
 class ApplyLoraStackNode(io.ComfyNode):
     """Patches MODEL and CLIP with every LoRA of a stack through ComfyUI's own LoRA mechanism."""
@@ -30,14 +33,37 @@ class ApplyLoraStackNode(io.ComfyNode):
             description="Applies each LoRA of the stack (and an optional in-graph adapter) exactly as a chain "
             "of core Load LoRA nodes would, and reports per LoRA what matched.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip", optional=True),
-                LoraStack.Input("lora_stack", optional=True),
+                io.Model.Input("model", tooltip="The model to patch (its weights stay unchanged until sampling)."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder to patch; without it only MODEL is."),
+                LoraStack.Input(
+                    "lora_stack",
+                    optional=True,
+                    tooltip="The LoRAs to apply, from LoRA Stack, Prompt LoRA Tags or another pack's stack node.",
+                ),
                 LoraModel.Input("adapter", optional=True, tooltip="An in-graph adapter, e.g. from Train LoRA."),
-                io.Float.Input("adapter_strength", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
-                io.Float.Input("adapter_strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
+                io.Float.Input(
+                    "adapter_strength",
+                    display_name=ADAPTER_LABELS["adapter_strength"],
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Strength of the adapter on the MODEL (1: as trained, 0: off).",
+                ),
+                io.Float.Input(
+                    "adapter_strength_clip",
+                    display_name=ADAPTER_LABELS["adapter_strength_clip"],
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Strength of the adapter on the CLIP text encoder (1: as trained, 0: off).",
+                ),
                 io.Float.Input(
                     "scale",
+                    display_name="scale all",
                     default=1.0,
                     min=-10.0,
                     max=10.0,
@@ -47,6 +73,7 @@ class ApplyLoraStackNode(io.ComfyNode):
                 ),
                 io.String.Input(
                     "block_weights",
+                    display_name="block weights",
                     default="",
                     optional=True,
                     tooltip="Per-block weights: a preset name (ALL, INS, MIDD, OUTD, ...) or a comma list in "
@@ -55,16 +82,22 @@ class ApplyLoraStackNode(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "allow_pickle",
+                    display_name="allow pickle",
                     default=False,
                     optional=True,
                     tooltip="Also read .ckpt/.pt/.bin LoRAs. Pickle files can run code when loaded.",
                 ),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.Clip.Output(display_name="CLIP"),
-                io.String.Output(display_name="trigger_words"),
-                io.String.Output(display_name="report"),
+                io.Model.Output(display_name="MODEL", tooltip="The model with every LoRA applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with every LoRA applied."),
+                io.String.Output(
+                    display_name="trigger_words",
+                    tooltip="The applied LoRAs' trigger words, comma-separated: add them to your prompt.",
+                ),
+                io.String.Output(
+                    display_name="report", tooltip="Per LoRA: strengths and what matched; a warning above 2.0 total."
+                ),
             ],
         )
 

@@ -7,8 +7,8 @@ Training goes through ComfyUI's own model object, so there is no second copy of 
   are removed afterwards and every original module object is put back, so the graph's MODEL and CLIP are
   unchanged (the trainer's ``inject.remove_adapter``);
 - ComfyUI loads weights under ``torch.inference_mode``, whose tensors autograd cannot save for the backward pass.
-  Each such tensor is replaced in place by an ordinary one with the same values (``_make_autograd_safe``): one
-  tensor at a time, never the whole model twice;
+  Each such tensor is replaced by an ordinary one that shares its memory (``_make_autograd_safe``): nothing is
+  copied;
 - noise levels, network inputs and conditioning come from the model's own machinery: ``model_sampling`` (epsilon,
   v-prediction, flow matching with its shift) and ``extra_conds`` (SDXL's pooled and size conditioning, Flux's
   guidance, ...), through ``BaseModel.apply_model``, as ComfyUI samples. The network's raw output (epsilon, v or
@@ -33,6 +33,7 @@ import comfy.model_sampling
 import comfy.sample
 import comfy.utils
 import torch
+import torch.utils.dlpack
 
 from ..trainer import run_record
 from .model_family import model_family
@@ -120,42 +121,122 @@ def static_patcher(model):
 
 
 def _make_autograd_safe(module: torch.nn.Module) -> int:
-    """Replace each inference-mode parameter and buffer of ``module`` by an ordinary tensor with equal values.
+    """Replace each inference-mode parameter and buffer of ``module`` by an ordinary tensor with the same values.
 
     ComfyUI creates and loads weights under ``torch.inference_mode``; autograd refuses to save such tensors for
     the backward pass ("Inference tensors do not track version counter"), and every frozen layer a gradient
-    passes through needs its weight saved. The swap is done one tensor at a time (the old storage is freed as
-    soon as nothing else holds it); the module keeps its parameter names and values (new Parameter objects, as
-    ComfyUI's own weight patching makes).
+    passes through needs its weight saved. The replacement shares the weight's memory (``_ordinary_tensor``), so
+    nothing is copied; the module keeps its parameter names and values (new Parameter objects, as ComfyUI's own
+    weight patching makes).
 
     Returns:
         How many tensors were replaced.
     """
-    replaced = 0
+    replaced = copied = 0
     with torch.inference_mode(False), torch.no_grad():
         for sub in module.modules():
             for name, p in list(sub.named_parameters(recurse=False)):
                 # A new Parameter object: one made in inference mode keeps lacking a version counter even
                 # when its data is swapped, and views of it (indexing, peft's reshapes) then fail.
                 if p.is_inference():
-                    setattr(sub, name, torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad))
-                    replaced += 1
+                    t, was_copied = _ordinary_tensor(p)
+                    setattr(sub, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+                    replaced, copied = replaced + 1, copied + was_copied
             for name, b in list(sub.named_buffers(recurse=False)):
                 if b is not None and b.is_inference():
-                    sub._buffers[name] = b.clone()
-                    replaced += 1
-    if replaced:
+                    sub._buffers[name], was_copied = _ordinary_tensor(b)
+                    replaced, copied = replaced + 1, copied + was_copied
+    if copied:
         _give_freed_memory_back()
     return replaced
 
 
+def _ordinary_tensor(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Return an ordinary tensor with the values of the inference tensor ``t``, and whether it is a copy.
+
+    A tensor made from ``t``'s DLPack capsule shares its memory and is created outside inference mode, so autograd
+    can save it. Where the device or dtype has no DLPack form, it is a copy."""
+    try:
+        shared = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(t.detach()))
+    except (RuntimeError, TypeError, ValueError, BufferError):
+        shared = None
+    if shared is None or shared.is_inference() or shared.data_ptr() != t.data_ptr():
+        return t.clone(), True
+    return shared, False
+
+
 def _give_freed_memory_back() -> None:
     """Return freed heap memory to the system (glibc keeps it otherwise: measured 0.2x the base model's size of
-    resident memory after the swap on the CPU, ``benchmarks/bench_train_memory.py``). A no-op elsewhere."""
+    resident memory after copying weights on the CPU, ``benchmarks/bench_train_memory.py``). A no-op elsewhere."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class _RecomputedInBackward(torch.autograd.Function):
+    """A frozen layer that autograd keeps no weight of: the forward pass runs without autograd, and the backward
+    pass runs the layer again on the saved input to get the input's gradient.
+
+    For layers that bring their weight to the compute device (or dtype) at each call, as ComfyUI's layers do when
+    their weights stay in CPU memory (low-VRAM loading, ``offload``) or are stored in another dtype (fp8 with
+    manual casting): autograd would otherwise keep every such on-the-fly copy until the backward pass, a term as
+    large as the model. The recomputation brings the weight over again, so at most a layer's copy is alive.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer_forward):
+        ctx.layer_forward = layer_forward
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return layer_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            x = x.detach().requires_grad_(True)
+            out = ctx.layer_forward(x)
+        (grad_x,) = torch.autograd.grad(out, x, grad_output)
+        return grad_x, None
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def recompute_cast_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Make every layer of ``module`` that casts its weight at each call (ComfyUI's ``comfy_cast_weights``: weights
+    left in CPU memory by low-VRAM loading, or stored in another dtype; linear, conv and norm layers) recompute
+    itself in the backward pass instead of leaving its weight copy to autograd (``_RecomputedInBackward``).
+    Calls with more than one argument, or whose input needs no gradient, run as before.
+
+    Returns:
+        The layers changed (``restore_forward`` undoes it).
+    """
+    changed = []
+    for layer in module.modules():
+        if not getattr(layer, "comfy_cast_weights", False):
+            continue  # its weights are where it computes, in its dtype: autograd keeps no copy
+        if "forward" in layer.__dict__:
+            continue  # already wrapped by someone else: leave it
+
+        def forward(x, *args, _forward=layer.forward, **kwargs):
+            if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad):
+                return _forward(x, *args, **kwargs)  # nothing upstream needs a gradient through this layer
+            return _RecomputedInBackward.apply(x, _forward)
+
+        layer.forward = forward
+        changed.append(layer)
+    return changed
+
+
+def restore_forward(layers: list[torch.nn.Module]) -> None:
+    """Undo ``recompute_cast_layers`` (the instance attribute shadowed the class's forward)."""
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
 
 
 def _clone_input(_module, args):
@@ -209,8 +290,9 @@ def _architecture(model, family: str | None) -> str:
 class ComfyModelApi:
     """``trainer.model_api`` over ComfyUI objects: encode prompts and images, predict, generate class images."""
 
-    def __init__(self, model, clip, vae, train_text_encoder: bool = False):
+    def __init__(self, model, clip, vae, train_text_encoder: bool = False, offload: bool = False):
         self.model = model
+        self.offload = offload
         self.clip = clip
         self.vae = vae
         self.family = model_family(model)
@@ -229,6 +311,8 @@ class ComfyModelApi:
         self._identity: dict[str, str] | None = None
         self._largest_latent: tuple[int, ...] | None = None
         self._hooks: list = []
+        self._recomputed: list[torch.nn.Module] = []
+        self.notes: list[str] = []
         self._raw_output: torch.Tensor | None = None
         self._was_in_training = None
 
@@ -299,17 +383,26 @@ class ComfyModelApi:
         return latents
 
     def prepare_for_training(self, batch_size: int) -> None:
-        """Load the denoiser (and a trained text encoder) fully, with room for a training step of ``batch_size``
-        of the largest latents encoded so far; make their weights usable by autograd; watch the raw output."""
+        """Load the denoiser (and a trained text encoder) with room for a training step of ``batch_size`` of the
+        largest latents encoded so far: fully, or with ``offload`` as much as fits (ComfyUI keeps the rest in
+        CPU memory and brings each layer over when it runs); make their weights usable by autograd; watch the
+        raw output."""
         memory = 0
         if self._largest_latent is not None:
             shape = (batch_size, *self._largest_latent)
             memory = _TRAINING_MEMORY_FACTOR * self.base.memory_required(shape)
         patchers = [self.source] + ([self.clip.patcher] if self.text_encoder is not None else [])
-        comfy.model_management.load_models_gpu(patchers, memory_required=memory, force_full_load=True)
-        _make_autograd_safe(self.unet)
+        comfy.model_management.load_models_gpu(patchers, memory_required=memory, force_full_load=not self.offload)
+        trained = [self.unet] + ([self.text_encoder] if self.text_encoder is not None else [])
+        for module in trained:
+            _make_autograd_safe(module)
+            self._recomputed += recompute_cast_layers(module)
+        if self._recomputed:
+            self.notes.append(
+                f"{len(self._recomputed)} layers bring their weights over at each call (kept in CPU memory or "
+                "another dtype) and are recomputed in the backward pass"
+            )
         if self.text_encoder is not None:
-            _make_autograd_safe(self.text_encoder)
             self._hooks += _keep_layer_norm_inputs(self.text_encoder)
         if self.blocks_change_inputs:
             # Flux's and SD3's blocks add their residuals in place (``x += ...``) after a LayerNorm saved x.
@@ -325,6 +418,8 @@ class ComfyModelApi:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        restore_forward(self._recomputed)
+        self._recomputed.clear()
         self._raw_output = None
         if self._was_in_training is not None:
             comfy.model_management.in_training = self._was_in_training

@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from .apply_nodes import ApplyLoraStackNode
 from .file_nodes import ConvertLoraNode, LoadLoraNode, LoraInfoNode, SaveLoraNode
 from .merge_nodes import LoraMergeNode
+from .preview_nodes import TrainingPreviewsNode
 from .routes import register_with_server
 from .stack_nodes import LoraStackNode, PromptLoraTagsNode
 from .train_nodes import ImageFolderDatasetNode, TrainLoraNode
@@ -29,4 +30,5 @@ class LoraWorkbenchExtension(ComfyExtension):
             ConvertLoraNode,
             ImageFolderDatasetNode,
             TrainLoraNode,
+            TrainingPreviewsNode,
         ]

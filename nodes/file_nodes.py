@@ -60,7 +60,12 @@ class LoadLoraNode(io.ComfyNode):
             description="Reads a LoRA file (safetensors) into the graph as a LORA_MODEL that Apply LoRA Stack, "
             "LoRA Merge, Save LoRA and core Load LoRA Model accept.",
             inputs=[_lora_combo()],
-            outputs=[LoraModel.Output(display_name="adapter")],
+            outputs=[
+                LoraModel.Output(
+                    display_name="adapter",
+                    tooltip="The LoRA as an in-graph adapter: to Apply LoRA Stack, LoRA Merge or Save LoRA.",
+                )
+            ],
         )
 
     @classmethod
@@ -87,8 +92,22 @@ class LoraInfoNode(io.ComfyNode):
             node_id="LoraWorkbenchInfo",
             display_name="LoRA Info (LoRA Workbench)",
             category=CATEGORY_FILES,
-            inputs=[_lora_combo(), io.Model.Input("model", optional=True), io.Clip.Input("clip", optional=True)],
-            outputs=[io.String.Output(display_name="info"), io.String.Output(display_name="trigger_words")],
+            description="Shows what a LoRA file holds: rank, alpha, base model family, trigger words and the "
+            "training settings in its metadata, read from the file's header without loading its weights. With a "
+            "MODEL or CLIP connected, also how many of their weights the LoRA patches and which keys match nothing.",
+            inputs=[
+                _lora_combo(),
+                io.Model.Input(
+                    "model", optional=True, tooltip="A model to check the LoRA against (which weights it patches)."
+                ),
+                io.Clip.Input("clip", optional=True, tooltip="A text encoder to check the LoRA against."),
+            ],
+            outputs=[
+                io.String.Output(display_name="info", tooltip="The description, one 'key: value' line per field."),
+                io.String.Output(
+                    display_name="trigger_words", tooltip="The LoRA's trigger words, comma-separated (may be empty)."
+                ),
+            ],
             is_output_node=True,
         )
 
@@ -136,12 +155,23 @@ class SaveLoraNode(io.ComfyNode):
             description="Writes the adapter in the kohya format ComfyUI, A1111 and diffusers load, with its "
             "metadata (trigger words, rank, alpha, base model, training settings). Never overwrites unless asked.",
             inputs=[
-                LoraModel.Input("adapter"),
-                io.String.Input("filename", default="lora_workbench/my_lora"),
-                io.String.Input("trigger_words", default="", tooltip="Comma-separated; added to the metadata."),
-                io.Boolean.Input("overwrite", default=False),
+                LoraModel.Input("adapter", tooltip="The LoRA to save, e.g. Train LoRA's or LoRA Merge's adapter."),
+                io.String.Input(
+                    "filename",
+                    default="lora_workbench/my_lora",
+                    tooltip="Name in models/loras ('/' makes sub-folders; .safetensors is added).",
+                ),
+                io.String.Input(
+                    "trigger_words",
+                    display_name="trigger words",
+                    default="",
+                    tooltip="Comma-separated; added to the metadata.",
+                ),
+                io.Boolean.Input(
+                    "overwrite", default=False, tooltip="Replace a file of that name; off: such a file is an error."
+                ),
             ],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,
         )
 
@@ -179,6 +209,8 @@ class ConvertLoraNode(io.ComfyNode):
             node_id="LoraWorkbenchConvert",
             display_name="Convert LoRA (LoRA Workbench)",
             category=CATEGORY_FILES,
+            description="Writes a LoRA file in another key format (kohya for ComfyUI/A1111, peft for diffusers) "
+            "into models/loras, metadata kept; LyCORIS LoHa/LoKr files become plain LoRA, exactly or at a rank.",
             inputs=[
                 _lora_combo(),
                 io.Combo.Input(
@@ -190,8 +222,14 @@ class ConvertLoraNode(io.ComfyNode):
                     "file fully; core Load LoRA reads only its text-encoder part, at alpha = rank (it ignores the "
                     "header), and none of ComfyUI's .diff/.diff_b tensors.",
                 ),
-                io.String.Input("filename", default="lora_workbench/converted"),
-                io.Boolean.Input("overwrite", default=False),
+                io.String.Input(
+                    "filename",
+                    default="lora_workbench/converted",
+                    tooltip="Name of the new file in models/loras ('/' makes sub-folders; .safetensors is added).",
+                ),
+                io.Boolean.Input(
+                    "overwrite", default=False, tooltip="Replace a file of that name; off: such a file is an error."
+                ),
                 io.Int.Input(
                     "rank",
                     default=0,
@@ -202,7 +240,10 @@ class ConvertLoraNode(io.ComfyNode):
                     "(the report gives the error made); 0 = exact (each layer's own rank, often large).",
                 ),
             ],
-            outputs=[io.String.Output(display_name="path"), io.String.Output(display_name="report")],
+            outputs=[
+                io.String.Output(display_name="path", tooltip="Where the file was written."),
+                io.String.Output(display_name="report", tooltip="The format, and the error made (0: exact)."),
+            ],
             is_output_node=True,
         )
 

@@ -42,7 +42,13 @@ class LoraMergeNode(io.ComfyNode):
             "share) and reports the error it made. linear: the naive same-rank average other tools use, kept "
             "for comparison, with its true error. A weight w reproduces stacking that LoRA at strength w.",
             inputs=[
-                io.Combo.Input("method", options=list(lora_merge.METHODS), default="concat"),
+                io.Combo.Input(
+                    "method",
+                    options=list(lora_merge.METHODS),
+                    default="concat",
+                    tooltip="concat: exact (ranks add up). svd: exact sum re-factored to a rank, error reported. "
+                    "linear: same-rank average (approximate, for comparison).",
+                ),
                 io.Int.Input(
                     "rank", default=0, min=0, max=4096, tooltip="svd target rank; 0 = the largest input rank."
                 ),
@@ -55,12 +61,35 @@ class LoraMergeNode(io.ComfyNode):
                     tooltip="svd: keep the smallest rank holding this share of each module's energy; 0 = off.",
                 ),
                 LoraStack.Input("lora_stack", optional=True, tooltip="Files with model and CLIP strengths."),
-                LoraModel.Input("adapter_1", optional=True),
-                io.Float.Input("adapter_1_strength", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
-                LoraModel.Input("adapter_2", optional=True),
-                io.Float.Input("adapter_2_strength", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
+                LoraModel.Input("adapter_1", optional=True, tooltip="An in-graph adapter, e.g. from Train LoRA."),
+                io.Float.Input(
+                    "adapter_1_strength",
+                    display_name="adapter 1",
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Weight of adapter_1 in the merge (as its strength when stacked).",
+                ),
+                LoraModel.Input("adapter_2", optional=True, tooltip="A second in-graph adapter."),
+                io.Float.Input(
+                    "adapter_2_strength",
+                    display_name="adapter 2",
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Weight of adapter_2 in the merge (as its strength when stacked).",
+                ),
             ],
-            outputs=[LoraModel.Output(display_name="adapter"), io.String.Output(display_name="report")],
+            outputs=[
+                LoraModel.Output(
+                    display_name="adapter", tooltip="The merged LoRA: to Save LoRA or Apply LoRA Stack's adapter."
+                ),
+                io.String.Output(display_name="report", tooltip="Method, inputs, output rank and the error made."),
+            ],
         )
 
     @classmethod

@@ -13,6 +13,7 @@ from ..trainer import checkpoint as ckpt
 
 PROGRESS_EVENT = "lora_workbench.train_progress"
 DONE_EVENT = "lora_workbench.train_done"
+VALIDATION_EVENT = "lora_workbench.train_validation"
 # At most this many losses travel in one event (the view keeps 4000 points; longer runs are thinned).
 MAX_LOSSES = 2000
 
@@ -45,7 +46,10 @@ class TrainingProgress:
     elapsed, eta and ``resumed_from`` (0 for a fresh run; the first event of a resumed run also carries the
     checkpoint's ``history`` of ``[step, loss]``); ``train_done`` once with ``state`` (finished, cancelled,
     already finished, failed), ``steps``, ``resumed_from``, ``message`` (failed), the losses, and the last
-    checkpoint as ``file`` (its tensor file, relative to the checkpoints folder) and ``path`` (absolute).
+    checkpoint as ``file`` (its tensor file, relative to the checkpoints folder) and ``path`` (absolute), and the
+    run's ``validation`` losses as ``[step, loss]``; ``train_validation`` per evaluation (Training Previews
+    connected) with step, ``loss`` (the validation loss) and ``images``: ``{filename, subfolder, type, label}`` of
+    the preview images in ComfyUI's temp folder (served by ``/view``).
     """
 
     def __init__(self, node_id: str | None, total_steps: int, run_dir=None, run_name: str | None = None):
@@ -86,6 +90,10 @@ class TrainingProgress:
         data["resumed_from"] = self.resumed_from
         _send(PROGRESS_EVENT, data)
 
+    def on_validation(self, step: int, loss: float, images: list[dict] | None = None) -> None:
+        """Send a validation loss (and the preview images sampled with it) to the UI."""
+        _send(VALIDATION_EVENT, {"node": self.node_id, "step": step, "loss": loss, "images": images or []})
+
     def should_stop(self) -> bool:
         """Raise ComfyUI's interrupt exception when the user pressed Cancel (the loop saves first)."""
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -120,7 +128,15 @@ class TrainingProgress:
             self.class_bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
         self.class_bar.update_absolute(done, total)
 
-    def _done(self, state: str, steps: int, losses=None, message: str = "", resumed_from: int | None = None) -> None:
+    def _done(
+        self,
+        state: str,
+        steps: int,
+        losses=None,
+        message: str = "",
+        resumed_from: int | None = None,
+        validation=None,
+    ) -> None:
         _send(
             DONE_EVENT,
             {
@@ -132,6 +148,7 @@ class TrainingProgress:
                 "elapsed": time.monotonic() - self.started,
                 "message": message,
                 "losses": _thinned(losses) if losses is not None else None,
+                "validation": [[int(s), float(v)] for s, v in validation or []],
                 **self._checkpoint_fields(),
             },
         )
@@ -155,4 +172,10 @@ class TrainingProgress:
         """Tell the UI the run ended: its state ("finished", "cancelled", "already finished"), losses, checkpoint."""
         if result.checkpoint_path and (self.checkpoint is None or Path(result.checkpoint_path) != self.checkpoint[0]):
             self.checkpoint = (Path(result.checkpoint_path), result.steps_done)
-        self._done(result.stopped_reason, result.steps_done, result.losses, resumed_from=result.resumed_from)
+        self._done(
+            result.stopped_reason,
+            result.steps_done,
+            result.losses,
+            resumed_from=result.resumed_from,
+            validation=getattr(result, "validation", None),
+        )

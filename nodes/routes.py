@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import folder_paths
@@ -17,11 +19,13 @@ import folder_paths
 from ..lora import metadata as lora_metadata
 from ..lora import safeio
 from ..lora.stack import resolve_lora_name
+from ..trainer.dataset import IMAGE_SUFFIXES
 from .files import resolve_lora_path
 
 log = logging.getLogger(__name__)
 
 INFO_PATH = "/lora_workbench/info"
+FOLDERS_PATH = "/lora_workbench/input_folders"
 
 
 def _scalar_or_list(values: list) -> Any:
@@ -79,6 +83,32 @@ def lora_info(name: str) -> dict:
     return out
 
 
+def input_folders(root: str, depth: int = 2, limit: int = 1000) -> list[dict]:
+    """Return the sub-folders of ``root`` (ComfyUI's input folder) a dataset or class-image folder may name.
+
+    Args:
+        root: the folder to list.
+        depth: how deep to list (2: ``my_dog`` and kohya-style ``my_dog/10_sks dog``); image counts go deeper.
+        limit: the most folders returned.
+
+    Returns:
+        ``[{"name": "my_dog", "images": 12}, ...]`` sorted by name: '/'-separated names relative to ``root`` (what
+        the widget takes), and the image files inside each, its sub-folders included. Hidden folders are left out.
+    """
+    direct: dict[str, int] = {}
+    for current, dirs, files in os.walk(root, followlinks=True):
+        rel = os.path.relpath(current, root)
+        level = 0 if rel == "." else rel.count(os.sep) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level < depth + 2 else []
+        if level:
+            direct[rel.replace(os.sep, "/")] = sum(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files)
+    totals = {
+        name: sum(n for other, n in direct.items() if other == name or other.startswith(name + "/")) for name in direct
+    }
+    names = sorted(name for name in direct if name.count("/") < depth)[:limit]
+    return [{"name": name, "images": totals[name]} for name in names]
+
+
 def register_routes(routes) -> None:
     """Add the pack's routes to an aiohttp ``RouteTableDef`` (``PromptServer.instance.routes``)."""
     from aiohttp import web
@@ -91,6 +121,13 @@ def register_routes(routes) -> None:
         # Reading a large file takes a moment: keep the server's event loop free meanwhile.
         info = await asyncio.get_running_loop().run_in_executor(None, lora_info, name)
         return web.json_response(info)
+
+    @routes.get(FOLDERS_PATH)
+    async def get_input_folders(request: web.Request) -> web.Response:
+        # The folder picker of Image Folder Dataset (js/folders.js): names relative to the input folder, no paths.
+        root = folder_paths.get_input_directory()
+        folders = await asyncio.get_running_loop().run_in_executor(None, input_folders, root)
+        return web.json_response({"folders": folders})
 
 
 _registered = False

@@ -63,7 +63,13 @@ class LoraStackNode(io.ComfyNode):
                 io.String.Input("rows", multiline=True, default="[]", tooltip=ROWS_HELP),
                 LoraStack.Input("lora_stack", optional=True, tooltip="A stack to put before these rows."),
             ],
-            outputs=[LoraStack.Output(display_name="LORA_STACK")],
+            outputs=[
+                LoraStack.Output(
+                    display_name="LORA_STACK",
+                    tooltip="The incoming stack, then the rows that are on, as (file, model strength, CLIP "
+                    "strength): to Apply LoRA Stack, LoRA Merge or another pack's stack node.",
+                )
+            ],
         )
 
     @classmethod
@@ -104,10 +110,18 @@ class PromptLoraTagsNode(io.ComfyNode):
             description="Reads <lora:name:strength> and <lora:name:model_strength:clip_strength> tags, "
             "returns them as a LORA_STACK and the prompt with the tags removed.",
             inputs=[
-                io.String.Input("text", multiline=True, default=""),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    default="",
+                    tooltip="Prompt text with tags like <lora:my_style:0.8> or <lora:my_style:0.8:0.6> (model, CLIP).",
+                ),
                 LoraStack.Input("lora_stack", optional=True, tooltip="A stack to put before the tags' LoRAs."),
             ],
-            outputs=[LoraStack.Output(display_name="LORA_STACK"), io.String.Output(display_name="text")],
+            outputs=[
+                LoraStack.Output(display_name="LORA_STACK", tooltip="The incoming stack, then the tags' LoRAs."),
+                io.String.Output(display_name="text", tooltip="The prompt with the tags removed."),
+            ],
         )
 
     @classmethod

@@ -9,17 +9,19 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..headless.comfy_compat import mark_advanced
 from ..lora import keys as lora_keys
 from ..lora import metadata as lora_metadata
 from ..trainer import loop, paths
-from ..trainer.config import TrainConfig
+from ..trainer.config import RATE_FIELDS, TrainConfig, parse_rates
 from ..trainer.dataset import DEFAULT_TEMPLATE, DatasetOptions, folder_signature, load_image_folder
 from ..trainer.loss_plot import plot_losses
 from .adapter_dict import LoraTensors
 from .comfy_backend import ComfyModelApi
 from .patching import LoraToApply, apply_loras
+from .preview_nodes import validation_report, watch_training
 from .progress import TrainingProgress
-from .types import CATEGORY_TRAINING, Dataset, LoraModel
+from .types import CATEGORY_TRAINING, Dataset, LoraModel, Previews
 
 
 def data_folder(name: str, what: str) -> str:
@@ -56,55 +58,93 @@ def checkpoint_dir(run_name: str) -> str:
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _STEPS = {
     "alpha": 0.5,
-    "learning_rate": 1e-6,
     "prior_loss_weight": 0.05,
     "min_snr_gamma": 0.5,
     "noise_offset": 0.01,
-    "te_learning_rate": 1e-6,
 }
 
 
-# Short labels for the Train node's inputs (the input names stay: workflows and prompts use them). Nodes 2.0
-# gives a label about 11 characters before it cuts it ("train_text_e..."); the tooltip says the rest.
+# Labels for the Train node's inputs (the input names stay: workflows and prompts use them), short enough that
+# neither rendering cuts them (tests/browser/test_train_labels.py measures it); the tooltip says the rest.
 LABELS = {
-    "learning_rate": "LR",
-    "batch_size": "batch",
-    "train_text_encoder": "train TE",
-    "prior_preservation": "prior",
-    "class_prompt": "class text",
-    "num_class_images": "class imgs",
-    "prior_loss_weight": "prior wt",
-    "class_images_dir": "class dir",
-    "gradient_checkpointing": "grad ckpt",
+    "learning_rate": "learning rate",
+    "batch_size": "batch size",
+    "train_text_encoder": "train CLIP",
+    "prior_preservation": "prior loss",
+    "class_prompt": "class prompt",
+    "num_class_images": "class images",
+    "prior_loss_weight": "prior weight",
+    "class_images_dir": "class folder",
+    "gradient_checkpointing": "save memory",
     "checkpoint_every": "save every",
     "run_name": "run name",
-    "lr_scheduler": "LR sched",
-    "warmup_steps": "warmup",
-    "grad_accumulation": "grad accum",
-    "min_snr_gamma": "min-SNR",
-    "noise_offset": "noise offs",
+    "lr_scheduler": "LR schedule",
+    "warmup_steps": "warmup steps",
+    "grad_accumulation": "accumulate",
+    "min_snr_gamma": "min SNR γ",
+    "noise_offset": "noise offset",
     "timestep_sampling": "timesteps",
-    "te_learning_rate": "TE LR",
-    "custom_targets": "layers",
+    "te_learning_rate": "CLIP rate",
+    "custom_targets": "custom layers",
 }
+
+# Shown up front: what a first run needs. Everything else sits behind the node's "Show advanced" (frontends that
+# support it); the order of inputs stays as it was, since saved workflows list widget values in that order.
+ADVANCED = {
+    "alpha",
+    "target",
+    "class_prompt",
+    "num_class_images",
+    "prior_loss_weight",
+    "class_images_dir",
+    "precision",
+    "gradient_checkpointing",
+    "checkpoint_every",
+    "lr_scheduler",
+    "warmup_steps",
+    "grad_accumulation",
+    "min_snr_gamma",
+    "noise_offset",
+    "timestep_sampling",
+    "te_learning_rate",
+    "custom_targets",
+    "offload",
+}
+
+
+def rate_text(rate: float) -> str:
+    """Return a learning rate as the Train node shows it: ``1e-4`` for 0.0001, ``0`` for 0."""
+    if not rate:
+        return "0"
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def _setting(name: str, optional: bool = False):
-    """Return the widget of a ``TrainConfig`` field: its default, range, options and help text as the tooltip."""
+    """Return the widget of a ``TrainConfig`` field: its default, range, options and help text as the tooltip.
+
+    Learning rates are text ("1e-4"): number widgets of some frontends show or store values this small wrongly
+    (frontend 1.32's Nodes 2.0 shows 1e-4 as "0"). ``trainer.config.parse_rate`` reads them, numbers of older
+    workflows included.
+    """
     f = _FIELDS[name]
     meta = f.metadata
     common = dict(default=f.default, tooltip=meta["help"], optional=optional, display_name=LABELS.get(name))
-    if "options" in meta:
-        return io.Combo.Input(name, options=list(meta["options"]), **common)
-    if f.type == "bool":
-        return io.Boolean.Input(name, **common)
-    if f.type == "str":
-        return io.String.Input(name, **common)
-    number = io.Int.Input if f.type == "int" else io.Float.Input
-    limits = {k: meta[k] for k in ("min", "max") if k in meta}
-    if name in _STEPS:
-        limits["step"] = _STEPS[name]
-    return number(name, **common, **limits)
+    if name in RATE_FIELDS:
+        widget = io.String.Input(name, **{**common, "default": rate_text(f.default)})
+    elif "options" in meta:
+        widget = io.Combo.Input(name, options=list(meta["options"]), **common)
+    elif f.type == "bool":
+        widget = io.Boolean.Input(name, **common)
+    elif f.type == "str":
+        widget = io.String.Input(name, **common)
+    else:
+        number = io.Int.Input if f.type == "int" else io.Float.Input
+        limits = {k: meta[k] for k in ("min", "max") if k in meta}
+        if name in _STEPS:
+            limits["step"] = _STEPS[name]
+        widget = number(name, **common, **limits)
+    return mark_advanced(widget) if name in ADVANCED else widget
 
 
 REQUIRED_SETTINGS = (
@@ -134,6 +174,7 @@ OPTIONAL_SETTINGS = (
     "timestep_sampling",
     "te_learning_rate",
     "custom_targets",
+    "offload",
 )
 
 
@@ -146,6 +187,9 @@ class ImageFolderDatasetNode(io.ComfyNode):
             node_id="LoraWorkbenchImageFolder",
             display_name="Image Folder Dataset (LoRA Workbench)",
             category=CATEGORY_TRAINING,
+            description="Reads a folder of images (png, jpg, webp...) and their same-name .txt captions into a "
+            "training set for Train LoRA. Images without a caption get the caption template, filled with the "
+            "trigger and class noun. Unreadable files are named in the report.",
             inputs=[
                 io.String.Input(
                     "folder",
@@ -154,16 +198,49 @@ class ImageFolderDatasetNode(io.ComfyNode):
                     "input or output folder (others only if the server allows them: LORA_WORKBENCH_DATA_ROOTS).",
                 ),
                 io.String.Input("trigger", default="sks", tooltip="The rare token that will name your subject."),
-                io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, person, style..."),
                 io.String.Input(
-                    "caption_template", default=DEFAULT_TEMPLATE, tooltip="Caption of images without a .txt file."
+                    "class_noun",
+                    display_name="class noun",
+                    default="dog",
+                    tooltip="What the subject is: dog, person, style...",
                 ),
-                io.Int.Input("resolution", default=512, min=16, max=2048, step=8),
-                io.Combo.Input("crop", options=["center", "random"], default="center"),
+                io.String.Input(
+                    "caption_template",
+                    display_name="template",
+                    default=DEFAULT_TEMPLATE,
+                    tooltip="Caption of images without a .txt file: {trigger} and {class_noun} are filled in.",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=16,
+                    max=2048,
+                    step=8,
+                    tooltip="Training size in pixels: images are scaled and cropped to resolution x resolution "
+                    "(with buckets: about that many pixels, aspect kept). 512 for SD1, 1024 for SDXL and Flux.",
+                ),
+                io.Combo.Input(
+                    "crop",
+                    options=["center", "random"],
+                    default="center",
+                    tooltip="Which part of an image that does not fit is kept: the center, or a new random part "
+                    "each time it is used.",
+                ),
                 io.Boolean.Input("buckets", default=False, tooltip="Keep aspect ratios (buckets of ~resolution^2)."),
                 io.Boolean.Input("flip", default=False, tooltip="Random horizontal flips."),
-                io.Int.Input("repeats", default=1, min=1, max=1000),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
+                io.Int.Input(
+                    "repeats", default=1, min=1, max=1000, tooltip="How many times each image counts per epoch."
+                ),
+                io.Float.Input(
+                    "caption_dropout",
+                    display_name="drop caption",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Probability of using an empty caption for an image (helps the LoRA work without the "
+                    "trigger); 0 turns it off.",
+                ),
                 io.Boolean.Input(
                     "recursive",
                     default=True,
@@ -173,7 +250,12 @@ class ImageFolderDatasetNode(io.ComfyNode):
                     "the report, not used.",
                 ),
             ],
-            outputs=[Dataset.Output(display_name="dataset"), io.String.Output(display_name="report")],
+            outputs=[
+                Dataset.Output(display_name="dataset", tooltip="The images and captions, for Train LoRA."),
+                io.String.Output(
+                    display_name="report", tooltip="How many images and captions were used, and what was skipped."
+                ),
+            ],
         )
 
     @classmethod
@@ -223,7 +305,7 @@ class TrainLoraNode(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base model to train on; it is left unchanged."),
                 io.Clip.Input(
-                    "clip", tooltip="The model's text encoder: encodes the captions (trained too with train TE on)."
+                    "clip", tooltip="The model's text encoder: encodes the captions (trained too with train CLIP on)."
                 ),
                 io.Vae.Input("vae", tooltip="Encodes the dataset's images to latents, once, before training."),
                 Dataset.Input("dataset", tooltip="The training images and captions, from Image Folder Dataset."),
@@ -243,11 +325,17 @@ class TrainLoraNode(io.ComfyNode):
                     "overwritten, and training starts fresh.",
                 ),
                 *(_setting(name, optional=True) for name in OPTIONAL_SETTINGS),
+                Previews.Input(
+                    "previews",
+                    optional=True,
+                    tooltip="From Training Previews: a held-out validation loss and preview images every N steps, "
+                    "shown beside the loss curve. Unconnected: none.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input MODEL with the trained LoRA applied."),
                 io.Clip.Output(
-                    display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied (if train TE is on)."
+                    display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied (if train CLIP is on)."
                 ),
                 LoraModel.Output(
                     display_name="adapter",
@@ -263,8 +351,8 @@ class TrainLoraNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, run_name, resume, **settings) -> io.NodeOutput:
-        config = TrainConfig(**settings)
+    def execute(cls, model, clip, vae, dataset, run_name, resume, previews=None, **settings) -> io.NodeOutput:
+        config = TrainConfig(**parse_rates(settings))
         run_dir = checkpoint_dir(run_name)
         class_dir = data_folder(config.class_images_dir, "class_images_dir") if config.class_images_dir else None
         progress = TrainingProgress(
@@ -278,8 +366,9 @@ class TrainLoraNode(io.ComfyNode):
         )
         # The executor runs nodes under torch.inference_mode; training needs autograd.
         with torch.inference_mode(False), torch.enable_grad(), progress.reporting_failures():
-            api = ComfyModelApi(model, clip, vae, train_text_encoder=config.train_text_encoder)
+            api = ComfyModelApi(model, clip, vae, train_text_encoder=config.train_text_encoder, offload=config.offload)
             names = api.unet_name_map
+            validation, callbacks.on_validation = watch_training(previews, api, dataset, progress, progress.node_id)
             result = loop.train(
                 api,
                 dataset,
@@ -290,8 +379,10 @@ class TrainLoraNode(io.ComfyNode):
                 cache_dir=workbench_output(),
                 unet_name_map=lambda path: names.get(path, path),
                 class_images_dir=class_dir,
+                validation=validation,
             )
         state = result.state
+        validation_line, validation_settings = validation_report(previews, result)
         state.metadata.update(
             lora_metadata.build_metadata(
                 state,
@@ -304,13 +395,14 @@ class TrainLoraNode(io.ComfyNode):
                     # What was trained on, without the server's paths: the folder as the user named it.
                     "dataset": dataset.report().splitlines()[0],
                     "steps_done": result.steps_done,
+                    **validation_settings,
                 },
             )
         )
         adapter = LoraTensors(lora_keys.to_kohya_dict(state), state.metadata)
         new_model, new_clip, _ = apply_loras(model, clip, [LoraToApply(run_name, adapter, state.metadata, 1.0, 1.0)])
         curve = torch.from_numpy(plot_losses(result.losses, f"{run_name} loss"))[None]
-        summary = _summary(result, config, run_name, len(state.modules))
+        summary = _summary(result, config, run_name, len(state.modules)) + validation_line
         progress.done(result)
         return io.NodeOutput(new_model, new_clip, adapter, curve, summary, ui={"text": [summary]})
 

@@ -14,3 +14,5 @@ Dataset = io.Custom("LORA_WORKBENCH_DATASET")
 CATEGORY_INFERENCE = "LoRA Workbench/inference"
 CATEGORY_FILES = "LoRA Workbench/files"
 CATEGORY_TRAINING = "LoRA Workbench/training"
+# Training Previews' settings (nodes.preview_nodes.PreviewSettings) for Train LoRA's optional input.
+Previews = io.Custom("LORA_WORKBENCH_PREVIEWS")

@@ -76,7 +76,13 @@ class TrainConfig:
     custom_targets: str = _f(
         "", "Comma-separated module-name suffixes that replace the preset (e.g. 'to_k,to_v'); empty: the preset."
     )
-    learning_rate: float = _f(1e-4, "AdamW learning rate for the UNet LoRA.", min=1e-7, max=1.0)
+    learning_rate: float = _f(
+        1e-4,
+        "AdamW learning rate of the LoRA (on the text encoder too unless te_learning_rate is set), e.g. 1e-4 "
+        "(= 0.0001); 5e-5 to 5e-4 is typical.",
+        min=1e-7,
+        max=1.0,
+    )
     lr_scheduler: str = _f(
         "constant",
         "Learning-rate schedule after warmup: constant, constant_with_warmup, cosine or linear (both decay to 0 at "
@@ -96,7 +102,7 @@ class TrainConfig:
     te_rank: int = _f(0, "Rank of the text-encoder LoRA; 0: the same as rank.", min=0, max=256)
     te_alpha: float = _f(0.0, "Alpha of the text-encoder LoRA; 0: the same as the UNet alpha.", min=0.0, max=1024.0)
     te_learning_rate: float = _f(
-        0.0, "Learning rate of the text-encoder LoRA; 0: the same as learning_rate.", min=0.0, max=1.0
+        0.0, "Learning rate of the text-encoder LoRA, e.g. 5e-5; 0: the same as learning_rate.", min=0.0, max=1.0
     )
     prior_preservation: bool = _f(
         False,
@@ -133,6 +139,12 @@ class TrainConfig:
         options=PRECISIONS,
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
+    offload: bool = _f(
+        False,
+        "For models that do not fit in VRAM: load as much of the base model as fits, keep the rest in CPU memory "
+        "and bring each layer over when it runs (ComfyUI's low-VRAM loading); those layers are recomputed in the "
+        "backward pass. Slower; the result is the same.",
+    )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns it off.", min=0.0, max=100.0)
     checkpoint_every: int = _f(
         0,
@@ -215,6 +227,58 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Return the settings as a plain JSON-ready dict (for metadata and checkpoints)."""
         return asdict(self)
+
+
+# Settings the Train node takes as text ("1e-4"): ComfyUI's number widgets round or mangle values this small in
+# some frontends (Nodes 2.0 of frontend 1.32 shows 1e-4 as "0").
+RATE_FIELDS = ("learning_rate", "te_learning_rate")
+
+
+def parse_rate(value: str | float | int, name: str = "learning_rate") -> float:
+    """Return a learning rate given as text ("1e-4", "0.0001", "2E-4") or as a number, checked against its range.
+
+    ``te_learning_rate`` also takes an empty text as 0 (the same as ``learning_rate``). A number (a workflow saved
+    when the input was a number widget) is taken as it is.
+
+    Args:
+        value: the input's value.
+        name: the ``TrainConfig`` field (and node input) it is for; the error names it.
+
+    Raises:
+        ValueError: naming the input and the value, when it is not a finite number or is out of the field's range.
+    """
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    text = value.strip() if isinstance(value, str) else value
+    if text == "" and f.default == 0:
+        return 0.0
+    try:
+        if isinstance(text, bool):
+            raise TypeError
+        rate = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} = {value!r}: not a number; type it like 1e-4 or 0.0001") from None
+    if not math.isfinite(rate):
+        raise ValueError(f"{name} = {value!r}: must be a finite number, like 1e-4 or 0.0001")
+    lo, hi = f.metadata["min"], f.metadata["max"]
+    if not lo <= rate <= hi:
+        zero = " (0: the same as learning_rate)" if f.default == 0 else ""
+        raise ValueError(f"{name} = {value!r}: must be between {lo:g} and {hi:g}{zero}")
+    return rate
+
+
+def parse_rates(settings: dict) -> dict:
+    """Return ``settings`` with the learning rates among them (``RATE_FIELDS``) parsed by ``parse_rate``.
+
+    A rate given as None (an optional node input left out) is dropped, so the field's default applies.
+
+    Raises:
+        ValueError: a rate that is not a number in its range (see ``parse_rate``).
+    """
+    return {
+        k: parse_rate(v, k) if k in RATE_FIELDS else v
+        for k, v in settings.items()
+        if not (k in RATE_FIELDS and v is None)
+    }
 
 
 def help_text(name: str) -> str:

@@ -33,9 +33,17 @@ def _targets(module: torch.nn.Module, suffixes: Iterable[str]) -> dict[str, torc
 
 
 def inject_lora(
-    module: torch.nn.Module, target_modules: Iterable[str], rank: int, alpha: float, dropout: float = 0.0
+    module: torch.nn.Module,
+    target_modules: Iterable[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Add trainable float32 LoRA layers (peft) to every matching layer and freeze everything else.
+
+    The LoRA layers go on ``device`` (the compute device) when given, else beside each layer's weight: a layer
+    whose weight a low-VRAM load left in CPU memory still trains its LoRA on the GPU.
 
     Matching follows peft's ``target_modules`` rule: a layer's dotted path equals an entry or ends with
     ``"." + entry``; only ``nn.Linear`` and ``nn.Conv2d`` layers are wrapped. peft draws ``lora_A`` from torch's
@@ -75,7 +83,7 @@ def inject_lora(
     for p in lora_parameters(module):
         # peft gives the LoRA layers the base layer's dtype; they train in float32 whatever the base's (fp16,
         # bf16, fp8), and peft casts their input and result around them.
-        p.data = p.data.float()
+        p.data = p.data.to(device=device, dtype=torch.float32)
         p.requires_grad_(True)
     return sorted(targets)
 

@@ -32,6 +32,7 @@ import torch
 from ..lora.state import LoraState
 from . import checkpoint as ckpt
 from . import conds, inject, objective, run_record
+from . import validation as val
 from .config import TrainConfig
 from .dataset import ImageDataset, crop_window
 
@@ -54,13 +55,17 @@ class TrainCallbacks:
     cleanly (a checkpoint is written first). An exception raised by any callback (ComfyUI's Cancel, raised
     by the server's progress hook inside ``on_step``) or by the model propagates after the last completed
     step's checkpoint is written. ``on_checkpoint(path)`` after each checkpoint;
-    ``on_class_images(done, total)`` while class images are generated.
+    ``on_class_images(done, total)`` while class images are generated. ``on_validation(step, loss)`` after each
+    validation evaluation (``train``'s ``validation``; rank 0 only), called while the model is still in eval mode
+    under ``torch.no_grad`` with the global generators forked: a caller may sample previews of the current LoRA
+    there without changing training.
     """
 
     on_step: Callable[[int, int, float], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_checkpoint: Callable[[Path], None] | None = None
     on_class_images: Callable[[int, int], None] | None = None
+    on_validation: Callable[[int, float], None] | None = None
 
 
 @dataclass
@@ -75,6 +80,10 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # (step, validation loss) per evaluation, and the names of the images held out for it (see trainer.validation)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)
+    validation_seconds: float = 0.0  # spent evaluating (and in on_validation: previews), in this call
 
 
 def _seed_of(seed: int, *parts) -> int:
@@ -296,6 +305,7 @@ def train(
     unet_name_map: Callable[[str], str] | dict[str, str] | None = None,
     keep_layers: bool = False,
     class_images_dir: str | Path | None = None,
+    validation: val.ValidationConfig | None = None,
 ) -> TrainResult:
     """Train a DreamBooth LoRA on ``dataset`` and return it.
 
@@ -322,6 +332,11 @@ def train(
             ``inject.remove_adapter`` on ``unet`` and ``text_encoder`` afterwards).
         class_images_dir: the folder to read class images from, replacing ``config.class_images_dir`` (which
             then only names it in records): callers resolve user-given names to allowed folders.
+        validation: compute a held-out validation loss every ``validation.every`` steps (see
+            ``trainer.validation``): its ``hold_out`` images leave the training set (the run, its record and
+            resume identity are those of the rest); 0 evaluates on the training images and trains exactly as
+            without validation. Rank 0 evaluates; the values are in ``TrainResult.validation`` and go to
+            ``callbacks.on_validation``.
 
     Returns:
         A ``TrainResult``: ``stopped_reason`` is "finished", "cancelled" (``should_stop`` returned True) or
@@ -340,6 +355,10 @@ def train(
             completed step's checkpoint is written.
     """
     config.validate()
+    held_out: list = []
+    if validation is not None:
+        validation.validate(len(dataset.examples))
+        dataset, held_out = val.split(dataset, validation.hold_out)
     callbacks = callbacks or TrainCallbacks()
     started = time.monotonic()
     device = torch.device(model_api.device)
@@ -386,6 +405,17 @@ def train(
     # Images and (with a frozen text encoder) prompts are encoded before the model is prepared for training:
     # the VAE and text encoders do their work first and may then make room for the denoiser.
     data = _EncodedData(model_api, dataset, config, te, class_pixels, ranks)
+    validator = None
+    if validation is not None and ranks.main:
+        validator = val.Validator(
+            model_api,
+            val.evaluation_set(dataset, held_out),
+            validation,
+            noise_offset=config.noise_offset,
+            min_snr_gamma=config.min_snr_gamma,
+            timestep_sampling=config.timestep_sampling,
+            frozen_text=te is None,
+        )
     prepare = getattr(model_api, "prepare_for_training", None)
     if prepare is not None:
         prepare(config.batch_size * (2 if class_pixels is not None or data.class_latents else 1))
@@ -400,7 +430,12 @@ def train(
             torch.manual_seed(config.seed)  # peft initialises lora_A from the global generator
             architecture = getattr(model_api, "architecture", "unet")
             inject.inject_lora(
-                model_api.unet, config.targets_for(architecture), config.rank, config.effective_alpha, config.dropout
+                model_api.unet,
+                config.targets_for(architecture),
+                config.rank,
+                config.effective_alpha,
+                config.dropout,
+                device=device,
             )
             if te is not None:
                 inject.inject_lora(
@@ -409,6 +444,7 @@ def train(
                     config.effective_te_rank,
                     config.effective_te_alpha,
                     config.dropout,
+                    device=device,
                 )
             if config.gradient_checkpointing:
                 blocks = model_api.checkpoint_blocks() if hasattr(model_api, "checkpoint_blocks") else None
@@ -416,8 +452,10 @@ def train(
                 undo_checkpointing = _enable_gradient_checkpointing(model_api.unet, blocks, copy_inputs)
             run = _Run(model_api, data, config, callbacks, checkpoint_dir, te, device, unet_name_map, started)
             run.record, run.ranks = record, ranks
+            run.validation_settings, run.validator = validation, validator
             result = run.run(resume)
-            result.notes = notes + result.notes
+            result.held_out = [e.name for e in held_out]
+            result.notes = notes + list(getattr(model_api, "notes", [])) + result.notes
             return result
         finally:
             if undo_checkpointing is not None:
@@ -513,6 +551,8 @@ class _Run:
 
     record: dict | None = None
     ranks: _Ranks = _Ranks()
+    validation_settings: val.ValidationConfig | None = None
+    validator: val.Validator | None = None  # rank 0's (the others only take part in sharing its values)
 
     def __init__(
         self, model_api, data: _EncodedData, config, callbacks, checkpoint_dir, te, device, unet_name_map, started
@@ -534,6 +574,8 @@ class _Run:
         fp16 = self.dtype is torch.float16 or getattr(model_api, "dtype", None) is torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if fp16 and device.type == "cuda" else None
         self.losses: list[float] = []
+        self.validation: list[tuple[int, float]] = []
+        self.validation_seconds = 0.0
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_step = 0
         self.caption_dropout = config.caption_dropout or data.dataset.options.caption_dropout
@@ -569,6 +611,7 @@ class _Run:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_json,
             "losses": self.losses,
+            "validation": self.validation,
         }
         self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_dir, step, tensors, state)
         self.last_checkpoint_step = step
@@ -596,6 +639,7 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         _set_global_rng_state(tensors, state.get("rng"))
         self.losses = list(state["losses"])
+        self.validation = [(int(s), float(v)) for s, v in state.get("validation") or []]
         self.last_checkpoint, self.last_checkpoint_step = index, step
         log.info("resumed from %s at step %d", index, step)
         return step
@@ -611,52 +655,14 @@ class _Run:
         return latents[..., top : top + h, left : left + w]
 
     def micro_step(self, step: int, micro: int) -> torch.Tensor:
-        """Return the loss of one forward pass (instance + class examples in one batch).
+        """Return this process's loss of one forward pass over the step's batch (instance + class examples).
 
-        With several ranks, this rank's part of it: see ``shared_micro_step``.
-        """
-        if self.ranks.shared:
-            return self.shared_micro_step(step, micro)
-        config = self.config
-        batch = self.dataset.batch(
-            config.batch_size,
-            config.seed,
-            step * config.grad_accumulation + micro,
-            caption_dropout=self.caption_dropout,
-        )
-        x0 = torch.cat([self.latent_of(item) for item in batch]).to(self.device)
-        prompts = ["" if item.drop_caption else self.dataset.examples[item.index].caption for item in batch]
-        gen = _seeded(config.seed, step, micro)
-        n_instance = x0.shape[0]
-        with _autocast(self.dtype, self.device):
-            cond = self.cond_for(prompts)
-            if self.data.class_latents:
-                # One forward pass over instance + class examples "to avoid doing two forward passes", as
-                # diffusers' DreamBooth script puts it; the loss is split again in dreambooth_loss.
-                pool = self.data.class_latents[self.dataset.examples[batch[0].index].size]
-                pick = torch.randint(0, pool.shape[0], (n_instance,), generator=gen)
-                x0 = torch.cat([x0, pool[pick].to(self.device)])
-                cond = conds.concat([cond, conds.repeat(self.cond_for([self.data.class_prompt]), n_instance)])
-            per_example = objective.per_example_loss(
-                self.api,
-                x0,
-                cond,
-                gen,
-                noise_offset=config.noise_offset,
-                min_snr_gamma=config.min_snr_gamma,
-                timestep_sampling=config.timestep_sampling,
-            )
-            loss, _, _ = objective.dreambooth_loss(per_example, n_instance, config.prior_loss_weight)
-        return loss
-
-    def shared_micro_step(self, step: int, micro: int) -> torch.Tensor:
-        """Return this rank's share of the loss of one forward pass over the global batch.
-
-        The global batch (``batch_size x world``), its class-image picks, timesteps and noise are drawn from the
-        step's generator exactly as one process with that batch draws them, on every rank; rank r keeps its part
-        (``_Ranks.share``) of the instance examples and the same part of the class examples. The share is the sum
-        of its examples' DreamBooth terms over the global counts, so the shares add up to the global loss (and
-        their gradients to its gradient). A rank whose part is empty returns a zero without gradient.
+        The batch (``batch_size x world``), its class-image picks, timesteps and noise are drawn from the step's
+        generator on every rank exactly as one process with that batch draws them; rank r keeps its part
+        (``_Ranks.share``) of the instance examples and the same part of the class examples, and its loss is the
+        sum of their DreamBooth terms over the batch's counts, so the parts add up to the batch's loss (and
+        their gradients to its gradient). One process's part is the whole batch. A rank whose part is empty
+        returns a zero without gradient.
         """
         config, ranks = self.config, self.ranks
         batch = self.dataset.batch(
@@ -676,6 +682,8 @@ class _Run:
         with _autocast(self.dtype, self.device):
             cond = self.cond_for(prompts)
             if self.data.class_latents:
+                # One forward pass over instance + class examples "to avoid doing two forward passes", as
+                # diffusers' DreamBooth script puts it; the loss is split again in dreambooth_loss.
                 pool = self.data.class_latents[self.dataset.examples[batch[0].index].size]
                 pick = torch.randint(0, pool.shape[0], (n_global,), generator=gen)[mine]
                 x0 = torch.cat([x0, pool[pick].to(self.device)])
@@ -683,8 +691,7 @@ class _Run:
                 rows += [n_global + r for r in rows]  # the class examples follow the instance examples
             n_all = n_global * (2 if self.data.class_latents else 1)
             timesteps = objective.sample_timesteps(self.api.schedule, n_all, gen, config.timestep_sampling)
-            shape = torch.empty((n_all, *x0.shape[1:]))  # only its shape is read
-            noise = objective.sample_noise(shape, gen, config.noise_offset)
+            noise = objective.sample_noise((n_all, *x0.shape[1:]), gen, config.noise_offset)
             per_example = objective.per_example_loss(
                 self.api,
                 x0,
@@ -696,9 +703,7 @@ class _Run:
                 timesteps=timesteps[rows],
                 noise=noise[rows].to(self.device),
             )
-            loss = per_example[:n_instance].sum() / n_global
-            if per_example.shape[0] > n_instance:
-                loss = loss + config.prior_loss_weight * per_example[n_instance:].sum() / n_global
+            loss, _, _ = objective.dreambooth_loss(per_example, n_instance, config.prior_loss_weight, n_global)
         return loss
 
     def run(self, resume: bool) -> TrainResult:
@@ -750,6 +755,8 @@ class _Run:
     def steps(self, start: int) -> TrainResult:
         """Run steps ``start`` .. ``config.steps``; return the result (finished, or cancelled by ``should_stop``)."""
         config, callbacks = self.config, self.callbacks
+        if self.validation_settings is not None and not any(s == start for s, _ in self.validation):
+            self.evaluate(start)  # the starting point of the curve (step 0, or the step a resume starts from)
         for step in range(start, config.steps):
             torch.manual_seed(_seed_of(config.seed, "dropout", step))  # LoRA dropout, reproducible per step
             total = 0.0
@@ -793,6 +800,9 @@ class _Run:
             done = self.done
             if callbacks.on_step:
                 callbacks.on_step(done, config.steps, total)
+            every = self.validation_settings.every if self.validation_settings is not None else 0
+            if every and (done % every == 0 or done == config.steps):
+                self.evaluate(done)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 self.write_checkpoint(done)
             stop = bool(callbacks.should_stop and callbacks.should_stop())
@@ -805,11 +815,46 @@ class _Run:
         self.write_checkpoint(config.steps)
         return self.result(config.steps, "finished")
 
+    def evaluate(self, step: int) -> None:
+        """Compute the validation loss after ``step`` steps (rank 0; the others receive it) and report it.
+
+        The model is in eval mode (no LoRA dropout) under ``torch.no_grad``, with the global generators forked, for
+        the evaluation and ``on_validation``: training after it continues exactly as it would have without it.
+        """
+        value, started = None, time.monotonic()
+        if self.ranks.main:
+            modules = [m for m in (self.unet, self.te) if m is not None]
+            flags = [m.training for m in modules]
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            try:
+                for m in modules:
+                    m.eval()
+                with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                    with _autocast(self.dtype, self.device):
+                        value = self.validator.loss()
+                    if self.callbacks.on_validation:
+                        self.callbacks.on_validation(step, value)
+            finally:
+                for m, flag in zip(modules, flags):
+                    m.train(flag)
+        if self.ranks.shared:
+            value = self.ranks.broadcast(value)
+        self.validation.append((step, value))
+        self.validation_seconds += time.monotonic() - started
+
     def result(self, steps: int, reason: str) -> TrainResult:
         state = inject.export_state(self.unet, "lora_unet", self.unet_name_map, self.config.effective_alpha)
         if self.te is not None:
             prefix = getattr(self.api, "text_encoder_prefix", "lora_te")
             state.modules.update(inject.export_state(self.te, prefix, alpha=self.config.effective_te_alpha).modules)
         return TrainResult(
-            state, self.losses, steps, reason, self.last_checkpoint, self.resumed_from, time.monotonic() - self.started
+            state,
+            self.losses,
+            steps,
+            reason,
+            self.last_checkpoint,
+            self.resumed_from,
+            time.monotonic() - self.started,
+            validation=list(self.validation),
+            validation_seconds=self.validation_seconds,
         )

@@ -58,12 +58,16 @@ def min_snr_weights(
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Return Gaussian noise like ``latents``, plus a per-channel offset when ``noise_offset`` > 0."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+def sample_noise(
+    shape: tuple[int, ...], generator: torch.Generator, noise_offset: float = 0.0, device: torch.device | None = None
+) -> torch.Tensor:
+    """Return float32 Gaussian noise of ``shape`` (latents' ``(B, C, ...)``) on ``device``, plus a per-channel
+    offset when ``noise_offset`` > 0. Drawn on the CPU from ``generator``, so the values do not depend on the
+    device."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
     if noise_offset:
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-        noise = noise + noise_offset * offset.to(latents.device)
+        offset = torch.randn((shape[0], shape[1], *[1] * (len(shape) - 2)), generator=generator)
+        noise = noise + noise_offset * offset.to(device)
     return noise
 
 
@@ -119,7 +123,7 @@ def per_example_loss(
         timesteps = sample_timesteps(schedule, latents.shape[0], generator, timestep_sampling)
     timesteps = timesteps.to(latents.device)
     if noise is None:
-        noise = sample_noise(latents, generator, noise_offset)
+        noise = sample_noise(latents.shape, generator, noise_offset, latents.device)
     if schedule.prediction_type == "flow":
         if min_snr_gamma:
             raise ValueError("min_snr_gamma weights DDPM noise levels; flow-matching models train without it")
@@ -137,21 +141,24 @@ def per_example_loss(
 
 
 def dreambooth_loss(
-    per_example: torch.Tensor, n_instance: int, prior_loss_weight: float
+    per_example: torch.Tensor, n_instance: int, prior_loss_weight: float, count: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Split a concatenated batch (instance examples first, then class examples) into the DreamBooth loss.
 
     ``total = mean(instance) + prior_loss_weight * mean(class)``, the DreamBooth objective
     (Ruiz et al. 2022, https://arxiv.org/abs/2208.12242) as diffusers' example trains it: both halves come from
-    one forward pass over the concatenated batch.
+    one forward pass over the concatenated batch. ``count``: when ``per_example`` is one process's part of a
+    larger batch, that batch's number of instance examples (and of class examples): each half's sum is divided
+    by it, so the parts' losses (and gradients) add up to the whole batch's.
 
     Returns:
         ``(total, instance_loss, prior_loss)``; ``prior_loss`` is None without class examples.
     """
-    instance = per_example[:n_instance].mean()
+    count = count or n_instance
+    instance = per_example[:n_instance].sum() / count
     if per_example.shape[0] == n_instance:
         return instance, instance, None
-    prior = per_example[n_instance:].mean()
+    prior = per_example[n_instance:].sum() / count
     return instance + prior_loss_weight * prior, instance, prior
 
 

@@ -2,8 +2,8 @@
 
 A checkpoint stores a record of its run: the dataset's content (a digest per image of the pixels trained on,
 its caption and repeats), the base model's identity (UNet, text encoder, VAE) and every setting that changes
-the result. Settings that only say how long to train or how often to save (``steps``, ``checkpoint_every``,
-``checkpoint_dir``) may change between sessions of one run.
+the result. Settings that only say how long to train, how often to save or where the base weights live
+(``steps``, ``checkpoint_every``, ``checkpoint_dir``, ``offload``) may change between sessions of one run.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-# Settings a resumed run may change: how far to train and how often to save, not what is learned.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "checkpoint_dir")
+# Settings a resumed run may change: how far to train, how often to save and where the weights live, not what
+# is learned.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "checkpoint_dir", "offload")
 _SAMPLE = 4096  # elements per tensor that enter a weights digest
 
 

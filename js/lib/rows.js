@@ -218,3 +218,63 @@ export function formatStrength(value) {
   const s = n.toFixed(2);
   return s === "-0.00" ? "0.00" : s;
 }
+
+/** Whether every row is switched on (false for no rows: there is nothing to switch off). */
+export function allOn(rows) {
+  return rows.length > 0 && rows.every((row) => row.on);
+}
+
+/**
+ * "Toggle All": every row off when all are on, otherwise every row on (a partly-on stack turns
+ * fully on first, as a header checkbox in an indeterminate state does).
+ * @param {Array} rows
+ * @returns {Array} new rows
+ */
+export function toggleAll(rows) {
+  const on = !allOn(rows);
+  return rows.map((row) => normalizeRow({ ...row, on }));
+}
+
+/** The step of the strength boxes (drag, wheel, arrow keys), as ComfyUI's LoRA loader's strength widget. */
+export const STRENGTH_STEP = 0.05;
+/** Screen pixels of horizontal drag per step. */
+export const DRAG_PX_PER_STEP = 4;
+
+/**
+ * `value` moved by `steps` steps, rounded to the step's decimals so repeated steps do not drift
+ * (0.1 + 0.05 * 4 is 0.30000000000000004 in floats).
+ * @param {number} value
+ * @param {number} steps whole steps, negative to lower
+ * @param {number} step
+ * @returns {number}
+ */
+export function stepStrength(value, steps, step = STRENGTH_STEP) {
+  const n = Math.round((toNumber(value, 0) + steps * step) * 1e6) / 1e6;
+  return n === 0 ? 0 : n; // no -0
+}
+
+/**
+ * Whole steps for a horizontal drag of `dx` screen pixels (towards zero: a drag shorter than one
+ * step changes nothing).
+ * @param {number} dx
+ * @param {number} pxPerStep
+ * @returns {number}
+ */
+export function dragSteps(dx, pxPerStep = DRAG_PX_PER_STEP) {
+  return Math.trunc(dx / pxPerStep);
+}
+
+/**
+ * A LoRA name split for display: folder prefix with its trailing "/", the file's stem, and its
+ * extension ("chars/lw_char.safetensors" -> "chars/", "lw_char", ".safetensors").
+ * @param {string} name
+ * @returns {{folder: string, base: string, ext: string}}
+ */
+export function splitName(name) {
+  const n = norm(name ?? "");
+  const cut = n.lastIndexOf("/");
+  const folder = cut < 0 ? "" : n.slice(0, cut + 1);
+  const file = n.slice(cut + 1);
+  const base = stem(file);
+  return { folder, base, ext: file.slice(base.length) };
+}

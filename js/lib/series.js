@@ -140,16 +140,52 @@ export function toPixels(points, box, domain) {
 }
 
 /**
- * The plot domain for a series: x from step 0 (or the first kept step once old points were dropped)
+ * The plot domain for a series (and any further series drawn on the same axes): x from step 0 (or the first kept step once old points were dropped)
  * to the last step done, so the curve fills the width from the first steps of a long run on (the total
  * is in the stats line, not in the axis); y a nice range over the kept losses.
  */
-export function plotDomain(series) {
-  const e = series.extent();
+export function plotDomain(series, ...others) {
+  let e = series.extent();
+  // Further series (the validation loss) share the axes: y covers them too, x never starts before the losses'.
+  for (const other of others) {
+    const o = other?.extent?.();
+    if (!o) continue;
+    e = e
+      ? { xmin: e.xmin, xmax: Math.max(e.xmax, o.xmax), ymin: Math.min(e.ymin, o.ymin), ymax: Math.max(e.ymax, o.ymax) }
+      : o;
+  }
   if (!e) return { xmin: 0, xmax: 1, ymin: 0, ymax: 1, yStep: 0.25 };
   const y = niceScale(e.ymin, e.ymax, 4);
   const xmin = series.dropped ? e.xmin : Math.min(0, e.xmin);
   return { xmin, xmax: Math.max(e.xmax, xmin + 1), ymin: y.min, ymax: y.max, yStep: y.step };
+}
+
+/**
+ * The query of ComfyUI's `/view` route for an image the server saved ({filename, subfolder, type}), e.g. a
+ * training preview in the temp folder; the caller prefixes it with the server's API base (`api.apiURL`).
+ * @returns {string|null} null when the entry names no file
+ */
+export function viewQuery(image) {
+  if (!image || typeof image.filename !== "string" || !image.filename) return null;
+  const params = new URLSearchParams({
+    filename: image.filename,
+    subfolder: image.subfolder ?? "",
+    type: image.type ?? "temp",
+  });
+  return `/view?${params.toString()}`;
+}
+
+/**
+ * The previews a validation event brings: `{src, label, prompt}` per image that names a file.
+ * @param {{images?: object[]}} detail the `lora_workbench.train_validation` event's detail
+ * @param {(path: string) => string} url how a `/view` query becomes a URL (the page's `api.apiURL`)
+ */
+export function previewItems(detail, url = (p) => p) {
+  const images = Array.isArray(detail?.images) ? detail.images : [];
+  return images
+    .map((image) => ({ query: viewQuery(image), label: String(image?.label ?? ""), prompt: String(image?.prompt ?? "") }))
+    .filter((item) => item.query)
+    .map(({ query, label, prompt }) => ({ src: url(query), label, prompt }));
 }
 
 /**

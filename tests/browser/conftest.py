@@ -172,6 +172,23 @@ def browser_context():
             shutil.rmtree(profile, ignore_errors=True)
 
 
+# What the tests' graph-building scripts share, on every page as ``lwTest``: ``add(type, x, y)`` makes a node,
+# ``link(a, output, b, input)`` connects an output (by name or type) to an input (by name), ``w(node, name)``
+# finds a widget. They read ``LiteGraph`` and ``app`` when called, after the page has loaded them.
+GRAPH_HELPERS = """
+window.lwTest = {
+  add(type, x, y) { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; },
+  link(a, out, b, inp) {
+    const o = a.outputs.findIndex(s => s.name === out || s.type === out);
+    const i = b.inputs.findIndex(s => s.name === inp);
+    if (o < 0 || i < 0) throw new Error(`no slot ${out} -> ${inp}`);
+    a.connect(o, b, i);
+  },
+  w(n, name) { return n.widgets.find(w => w.name === name); },
+};
+"""
+
+
 class ComfyPage:
     """The ComfyUI page and the helpers the tests share."""
 
@@ -195,6 +212,7 @@ class ComfyPage:
     def open(self) -> None:
         page = self.page
         page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+        page.add_init_script(GRAPH_HELPERS)
         page.goto(self.url)
         self.wait_loaded()
 

@@ -14,14 +14,7 @@ STACK_ROOT = "[data-testid=lw-stack]"
 
 BUILD = """([ckpt, lora, filename]) => {
   app.graph.clear();
-  const add = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
-  const link = (a, out, b, inp) => {
-    const o = a.outputs.findIndex(s => s.name === out || s.type === out);
-    const i = b.inputs.findIndex(s => s.name === inp);
-    if (o < 0 || i < 0) throw new Error(`no slot ${out} -> ${inp}`);
-    a.connect(o, b, i);
-  };
-  const w = (n, name) => n.widgets.find(w => w.name === name);
+  const { add, link, w } = lwTest;
   const ck = add('CheckpointLoaderSimple', 20, 20); w(ck, 'ckpt_name').value = ckpt;
   const st = add('LoraWorkbenchStack', 20, 200);
   const ap = add('LoraWorkbenchApplyStack', 470, 20);
@@ -37,13 +30,17 @@ BUILD = """([ckpt, lora, filename]) => {
   app.canvas.setDirty(true, true);
   return {stack: st.id, apply: ap.id, save: sv.id, loader: ll.id};
 }"""
-# The names each picker offers now: core LoraLoader's combo and the stack editor's <select>.
+LORA_PER_RENDERER = {"classic": "lw_plain", "vue": "lw_style"}
+# The names each picker offers now: core LoraLoader's combo and the stack editor's chooser (opened from the
+# first row's name, read, closed with Escape).
 PICKERS = """(loader) => {
   const w = app.graph.getNodeById(loader).widgets.find(w => w.name === 'lora_name');
   let values = w.options.values;
   if (typeof values === 'function') values = values();
-  const options = document.querySelectorAll('[data-testid=lw-stack] select[data-field=lora] option');
-  const stack = [...options].map(o => o.value);
+  document.querySelector('[data-testid=lw-stack] [data-field=lora]').click();
+  const stack = [...document.querySelectorAll('[data-testid=lw-chooser] .lw-pop-item')].map(e => e.dataset.name);
+  document.querySelector('[data-testid=lw-chooser] input')
+    ?.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));
   return {loader: [...(values ?? [])], stack};
 }"""
 # A node's result view: state, text, tooltip, and whether its text fits (height for at least one line).
@@ -67,6 +64,12 @@ def test_apply_report_save_path_and_pickers_refreshed(ui, renderer, node_types, 
     ids = ui.js(BUILD, [fixtures_info["checkpoint"], fixtures_info["loras"][0], filename])
     page.wait_for_selector(STACK_ROOT)
     page.click(f"{STACK_ROOT} [data-testid=lw-add]")
+    page.locator("[data-testid=lw-chooser]").wait_for()
+    # Another LoRA per renderer: with the same one, this run's Apply would be ComfyUI's cached result of the
+    # previous test's, and the executor reports only the nodes it stages (the output nodes), not a cached Apply.
+    page.keyboard.type(LORA_PER_RENDERER[renderer])
+    page.keyboard.press("Enter")  # adds the chooser's highlighted (first matching) file
+    page.locator("[data-testid=lw-chooser]").wait_for(state="detached")
     before = ui.js(PICKERS, ids["loader"])
     assert before["loader"] and before["stack"], before
     assert new_name not in before["loader"] and new_name not in before["stack"], before

@@ -153,14 +153,7 @@ def test_live_training_progress(ui, node_types):
 # A stacking workflow built node by node; the stack's rows are then set in its editor.
 BUILD_STACK_GRAPH = """([ckpt, seed, prefix]) => {
   app.graph.clear();
-  const add = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
-  const link = (a, out, b, inp) => {
-    const o = a.outputs.findIndex(s => s.name === out || s.type === out);
-    const i = b.inputs.findIndex(s => s.name === inp);
-    if (o < 0 || i < 0) throw new Error(`no slot ${out} -> ${inp}`);
-    a.connect(o, b, i);
-  };
-  const w = (n, name) => n.widgets.find(w => w.name === name);
+  const { add, link, w } = lwTest;
   const ck = add('CheckpointLoaderSimple', 0, 0); w(ck, 'ckpt_name').value = ckpt;
   const st = add('LoraWorkbenchStack', 0, 250);
   const ap = add('LoraWorkbenchApplyStack', 450, 0);
@@ -199,6 +192,10 @@ def test_ui_saved_workflow_runs_the_same_headless(ui, fixtures_info, comfy_base,
     page.wait_for_selector(STACK_ROOT)
     for _ in range(3):
         page.click(f"{STACK_ROOT} [data-testid=lw-add]")
+        # + Add LoRA opens the chooser; Enter adds its highlighted file, the first one the stack lacks.
+        page.locator("[data-testid=lw-chooser]").wait_for()
+        page.keyboard.press("Enter")
+        page.locator("[data-testid=lw-chooser]").wait_for(state="detached")
     rows = page.locator(STACK_ROW)
     rows.nth(0).locator("input[data-field=strength]").fill("0.6")
     rows.nth(1).locator("input[data-field=strength]").fill("-0.4")

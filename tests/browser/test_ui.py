@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 STACK = "LoraWorkbenchStack"
 ROOT = "[data-testid=lw-stack]"
 ROW = f"{ROOT} .lw-row"
+CHOOSER = "[data-testid=lw-chooser]"
 
 ADD_STACK = """() => {
   const n = LiteGraph.createNode('LoraWorkbenchStack');
@@ -40,6 +41,21 @@ def add_stack(ui) -> int:
 
 def row(ui, i):
     return ui.page.locator(ROW).nth(i)
+
+
+def add_row(ui) -> None:
+    """+ Add LoRA, then Enter in the chooser: adds the highlighted file, the first one the stack does not use yet."""
+    ui.page.click(f"{ROOT} [data-testid=lw-add]")
+    ui.page.locator(CHOOSER).wait_for()
+    ui.page.keyboard.press("Enter")
+    ui.page.locator(CHOOSER).wait_for(state="detached")
+
+
+def row_action(ui, i, action: str) -> None:
+    """Row i's menu (its button; right-click opens the same menu), then one of its actions."""
+    row(ui, i).locator("[data-action=menu]").click()
+    ui.page.locator(f"[data-testid=lw-row-menu] [data-action={action}]").click()
+    ui.page.locator("[data-testid=lw-row-menu]").wait_for(state="detached")
 
 
 def set_strength(ui, i, value: float) -> None:
@@ -74,7 +90,7 @@ def test_stack_rows_editing(ui, renderer, fixtures_info):
     page = ui.page
     node_id = add_stack(ui)
     for _ in range(3):
-        page.click(f"{ROOT} [data-testid=lw-add]")
+        add_row(ui)
     rows = rows_of(ui, node_id)
     assert len(rows) == 3
     # Each new row picks a file no row uses yet (the list may hold files other tests saved, e.g. test_results.py).
@@ -86,13 +102,13 @@ def test_stack_rows_editing(ui, renderer, fixtures_info):
     ui.screenshot(f"stack-{renderer}-three-rows")
 
     first, second, third = (r["lora"] for r in rows)
-    row(ui, 1).locator("[data-action=remove]").click()
+    row_action(ui, 1, "remove")
     assert [r["lora"] for r in rows_of(ui, node_id)] == [first, third]
     assert page.locator(ROW).count() == 2
 
-    row(ui, 0).locator("[data-action=down]").click()
+    row_action(ui, 0, "down")
     assert [r["lora"] for r in rows_of(ui, node_id)] == [third, first]
-    row(ui, 1).locator("[data-action=up]").click()
+    row_action(ui, 1, "up")
     assert [r["lora"] for r in rows_of(ui, node_id)] == [first, third]
 
     # 2 x 1.0 = 2.0 is allowed; no warning.
@@ -124,8 +140,9 @@ def test_stack_rows_editing(ui, renderer, fixtures_info):
         {"on": True, "lora": third, "strength": 1, "strength_clip": 0.3},
     ]
 
-    # Picking another file in a row's list writes its name.
-    row(ui, 1).locator("select").select_option(second)
+    # Picking another file for a row (click its name, then the file in the chooser) writes its name.
+    row(ui, 1).locator("[data-field=lora]").click()
+    page.locator(f'{CHOOSER} .lw-pop-item[data-name="{second}"]').click()
     assert rows_of(ui, node_id)[1]["lora"] == second
     assert ui.our_errors() == []
 
@@ -173,8 +190,10 @@ def test_missing_file_marked(ui, renderer):
     assert "lw-missing" in rows.nth(1).get_attribute("class")
     assert "Missing" in rows.nth(1).inner_text()
     assert ui.js("() => document.querySelector('[data-testid=lw-stack]').dataset.missing") == "1"
-    # The missing name stays selected (it is not silently replaced by a file that exists).
-    assert rows.nth(1).locator("select").input_value() == "somebody_elses.safetensors"
+    # The missing name stays shown (it is not silently replaced by a file that exists).
+    name = rows.nth(1).locator("[data-field=lora]")
+    assert name.get_attribute("data-value") == "somebody_elses.safetensors"
+    assert "(missing)" in name.inner_text()
     assert ui.our_errors() == []
 
 
@@ -182,8 +201,8 @@ def test_workflow_roundtrip_after_reload(ui, renderer):
     """Rows survive serialize -> page reload -> loadGraphData, in the widget value and the editor."""
     page = ui.page
     node_id = add_stack(ui)
-    page.click(f"{ROOT} [data-testid=lw-add]")
-    page.click(f"{ROOT} [data-testid=lw-add]")
+    add_row(ui)
+    add_row(ui)
     set_strength(ui, 1, 0.35)
     row(ui, 0).locator("input[data-field=on]").uncheck()
     before = rows_of(ui, node_id)
@@ -199,20 +218,13 @@ def test_workflow_roundtrip_after_reload(ui, renderer):
     assert page.locator(ROW).count() == 2
     assert row(ui, 0).locator("input[data-field=on]").is_checked() is False
     assert row(ui, 1).locator("input[data-field=strength]").input_value() == "0.35"
-    assert row(ui, 1).locator("select").input_value() == before[1]["lora"]
+    assert row(ui, 1).locator("[data-field=lora]").get_attribute("data-value") == before[1]["lora"]
     assert ui.our_errors() == []
 
 
 BUILD_GRAPH = """([ckpt, seed]) => {
   app.graph.clear();
-  const add = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
-  const link = (a, out, b, inp) => {
-    const o = a.outputs.findIndex(s => s.name === out || s.type === out);
-    const i = b.inputs.findIndex(s => s.name === inp);
-    if (o < 0 || i < 0) throw new Error(`no slot ${out} -> ${inp}`);
-    a.connect(o, b, i);
-  };
-  const w = (n, name) => n.widgets.find(w => w.name === name);
+  const { add, link, w } = lwTest;
   const ck = add('CheckpointLoaderSimple', 0, 0); w(ck, 'ckpt_name').value = ckpt;
   const st = add('LoraWorkbenchStack', 0, 250);
   const ap = add('LoraWorkbenchApplyStack', 450, 0);
@@ -246,8 +258,8 @@ def test_queue_stacking_workflow(ui, renderer, node_types, fixtures_info, comfy_
     # A different seed per renderer, so the second run samples instead of reusing the cached result.
     ids = ui.js(BUILD_GRAPH, [fixtures_info["checkpoint"], 7 if renderer == "classic" else 8])
     page.wait_for_selector(ROOT)
-    page.click(f"{ROOT} [data-testid=lw-add]")
-    page.click(f"{ROOT} [data-testid=lw-add]")
+    add_row(ui)
+    add_row(ui)
     set_strength(ui, 0, 0.6)
     set_strength(ui, 1, 0.4)
     rows = rows_of(ui, ids["stack"])

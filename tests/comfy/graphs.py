@@ -136,3 +136,37 @@ def train_patch(dataset_folder: str, outputs: dict, **train_inputs):
         return train.out(0), train.out(1)
 
     return patch
+
+
+def build_tiny(family: str):
+    """Return a tiny model of ``family`` (``headless.tiny_families``) made as a checkpoint loader hands models out:
+    under the executor's inference mode."""
+    import torch
+
+    from lora_workbench.headless import tiny_families
+
+    with torch.inference_mode():
+        return tiny_families.build(family)
+
+
+def run_train_node(comfy, tiny, dataset, run_name: str, **settings):
+    """Run the Train node on a tiny model as ComfyUI's executor runs a node (under inference mode), resume off.
+
+    Returns:
+        ``(MODEL, CLIP, adapter, summary)``.
+    """
+    import torch
+
+    node = comfy.node_classes["LoraWorkbenchTrain"]
+    with torch.inference_mode():
+        out = node.execute(
+            model=tiny.model,
+            clip=tiny.clip,
+            vae=tiny.vae,
+            dataset=dataset,
+            run_name=run_name,
+            resume=False,
+            **settings,
+        )
+    model, clip, adapter, _curve, summary = out.result
+    return model, clip, adapter, summary

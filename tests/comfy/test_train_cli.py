@@ -1,4 +1,5 @@
-"""``lora-workbench train``: the example workflow's Train LoRA job, headless, in one process and under torchrun."""
+"""``lora-workbench train``: the example workflow's Train LoRA job, headless, in one process and under torchrun and
+``accelerate launch``."""
 
 from __future__ import annotations
 
@@ -93,10 +94,19 @@ def test_cli_train_runs_the_example_workflows_train_job(ckpt_name, tmp_path):
     assert "KSampler" not in proc.stderr and "finished after 2/2 steps" in proc.stderr, proc.stderr[-2000:]
 
 
+# The two launchers the README gives: torchrun, and accelerate's (which runs torchrun's launcher; on a machine
+# without GPUs its --multi_gpu mode starts CPU processes, and our trainer takes gloo).
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1"]
+    + ["--mixed_precision=no", "--dynamo_backend=no"],
+}
+
+
 @pytest.mark.slow
-def test_cli_train_under_torchrun_trains_on_two_ranks_and_rank_0_writes(ckpt_name, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    proc, home = _train(tmp_path, launcher)
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_cli_train_under_a_launcher_trains_on_two_ranks_and_rank_0_writes(ckpt_name, tmp_path, launcher):
+    proc, home = _train(tmp_path, [sys.executable, *LAUNCHERS[launcher]])
     index = _check_files(proc, home, tmp_path)  # printed once, by rank 0; the files exist once
     # The run record holds the global batch: the node's batch of 2 on each of 2 ranks.
     assert index["run"]["settings"]["batch_size"] == 4

@@ -13,8 +13,9 @@ import logging
 
 import pytest
 import torch
+from graphs import build_tiny, run_train_node
 
-from lora_workbench.headless import examples, tiny_families
+from lora_workbench.headless import examples
 from lora_workbench.lora.safeio import write_safetensors
 from lora_workbench.trainer.dataset import DatasetOptions, load_image_folder
 
@@ -45,27 +46,9 @@ def dataset(assets):
     return load_image_folder(assets.base / "input" / examples.DATASET_INPUT_NAME, options)
 
 
-def _build(family):
-    # As a checkpoint loader hands them out: made under the executor's inference mode.
-    with torch.inference_mode():
-        return tiny_families.build(family)
-
-
 def _train(comfy, tiny, dataset, run_name, **settings):
-    """Run the Train node as ComfyUI's executor runs it (under inference mode); return its outputs."""
-    node = comfy.node_classes["LoraWorkbenchTrain"]
-    with torch.inference_mode():
-        out = node.execute(
-            model=tiny.model,
-            clip=tiny.clip,
-            vae=tiny.vae,
-            dataset=dataset,
-            run_name=run_name,
-            resume=False,
-            **{**TRAIN, **settings},
-        )
-    model, clip, adapter, _curve, summary = out.result
-    return model, clip, adapter, summary
+    """Run the Train node with ``TRAIN`` and ``settings``; return MODEL, CLIP, adapter and summary."""
+    return run_train_node(comfy, tiny, dataset, run_name, **{**TRAIN, **settings})
 
 
 def _state(module) -> dict[str, torch.Tensor]:
@@ -130,7 +113,7 @@ def _latents(tiny, dataset) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_every_family_trains_through_the_node(assets, dataset, family, caplog):
-    tiny = _build(family)
+    tiny = build_tiny(family)
     unet_before, clip_before = _state(tiny.model.model), _state(tiny.clip.cond_stage_model)
     types_before = _module_types(tiny.model.model), _module_types(tiny.clip.cond_stage_model)
 
@@ -166,7 +149,7 @@ def test_every_family_trains_through_the_node(assets, dataset, family, caplog):
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_text_encoder_lora_of_each_family_in_the_names_core_loads(assets, dataset, family, caplog):
-    tiny = _build(family)
+    tiny = build_tiny(family)
     _, clip, adapter, _ = _train(assets, tiny, dataset, f"te_{family}", steps=3, train_text_encoder=True)
     prefixes = {k.split("_text_model_")[0] for k in adapter if k.startswith("lora_te")}
     assert prefixes == EXPECTED[family][1], prefixes
@@ -200,7 +183,7 @@ def test_gradient_checkpointing_recomputes_every_block_type(assets, dataset, fam
     from lora_workbench.nodes.comfy_backend import checkpoint_blocks
 
     kinds, counted = BLOCKS[family]
-    tiny = _build(family)
+    tiny = build_tiny(family)
     blocks = checkpoint_blocks(tiny.model.model.diffusion_model)
     assert {type(b).__name__ for b in blocks} == kinds
     cls = next(type(b) for b in blocks if type(b).__name__ == counted)

@@ -133,3 +133,26 @@ def test_bad_dataset_folder_names_the_node_and_folder(assets, run, ckpt_name):
     message = str(e.value)
     assert "LoraWorkbenchImageFolder" in message and "'broken_set'" in message and "broken.png" in message
     assert str(assets.base) not in message.split("failed:", 1)[1].split(":", 1)[1], "no server path in the message"
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("2e-4", 2e-4),  # as typed in the learning-rate text field
+        (0.0002, 2e-4),  # a number, as workflows and API prompts saved before the field was text carry it
+    ],
+    ids=["text", "number"],
+)
+def test_learning_rate_text_or_number_reaches_the_trainer_exactly(assets, run, ckpt_name, given, expected):
+    name = f"lr_{type(given).__name__}"
+    _trained(run, ckpt_name, steps=1, batch_size=1, run_name=name, resume=False, learning_rate=given)
+    record = assets.base / "output" / "lora_workbench" / "checkpoints" / name / "checkpoint.json"
+    config = json.loads(record.read_text())["config"]
+    assert config["learning_rate"] == expected, config  # the same double: nothing rounded on the way
+
+
+def test_a_learning_rate_that_is_not_a_number_names_the_input_and_value(assets, run, ckpt_name):
+    with pytest.raises(WorkflowError) as e:
+        _trained(run, ckpt_name, steps=1, run_name="lr_bad", learning_rate="1e-4x")
+    message = str(e.value)
+    assert "LoraWorkbenchTrain" in message and "learning_rate = '1e-4x': not a number" in message, message

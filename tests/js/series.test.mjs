@@ -10,10 +10,12 @@ import {
   formatLoss,
   niceScale,
   plotDomain,
+  previewItems,
   reduceProgress,
   scaleLinear,
   statusLine,
   toPixels,
+  viewQuery,
 } from "../../js/lib/series.js";
 
 test("PointSeries keeps the newest points in order when full", () => {
@@ -161,4 +163,39 @@ test("InfoCache fetches each name once and caches failures", async () => {
   cache.clear();
   await cache.get("x");
   assert.equal(calls, 3);
+});
+
+test("plotDomain covers the validation series too", () => {
+  const loss = new PointSeries(100);
+  loss.push(1, 0.4);
+  loss.push(10, 0.3);
+  const val = new PointSeries(100);
+  val.push(0, 0.9);
+  val.push(10, 0.05);
+  const d = plotDomain(loss, val);
+  assert.equal(d.xmin, 0);
+  assert.equal(d.xmax, 10);
+  assert.ok(d.ymin <= 0.05 && d.ymax >= 0.9, "y spans both curves");
+  assert.deepEqual(plotDomain(loss, new PointSeries(5)), plotDomain(loss), "an empty validation series changes nothing");
+  const onlyVal = plotDomain(new PointSeries(5), val);
+  assert.ok(onlyVal.ymax >= 0.9 && onlyVal.xmax === 10, "the step-0 evaluation shows before the first step");
+});
+
+test("previewItems turns a validation event's images into /view URLs", () => {
+  const detail = {
+    step: 3,
+    images: [
+      { filename: "lora_workbench_preview_7_000003_0.png", subfolder: "", type: "temp", label: "with trigger", prompt: "a sks dog" },
+      { filename: "", type: "temp" },
+      { filename: "x y&z.png", subfolder: "a/b", type: "temp", label: "without trigger" },
+    ],
+  };
+  const items = previewItems(detail, (p) => `/api${p}`);
+  assert.equal(items.length, 2, "an entry without a file name is left out");
+  assert.equal(items[0].src, "/api/view?filename=lora_workbench_preview_7_000003_0.png&subfolder=&type=temp");
+  assert.equal(items[0].label, "with trigger");
+  assert.equal(items[0].prompt, "a sks dog");
+  assert.equal(viewQuery(detail.images[2]), "/view?filename=x+y%26z.png&subfolder=a%2Fb&type=temp");
+  assert.deepEqual(previewItems({}), []);
+  assert.equal(viewQuery(null), null);
 });

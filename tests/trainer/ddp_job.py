@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from lora_workbench.trainer import checkpoint, inject, loop, objective, tiny_models
+from lora_workbench.trainer import checkpoint, inject, loop, objective, tiny_models, validation
 from lora_workbench.trainer.config import TrainConfig
 from lora_workbench.trainer.dataset import DatasetOptions, load_image_folder
 from lora_workbench.trainer.diffusers_backend import DiffusersModelApi
@@ -94,12 +94,18 @@ def main(spec_path: str) -> None:
             checkpoint_dir=run.get("checkpoint_dir", ""),
             cache_dir=run.get("cache_dir"),
             keep_layers=True,
+            validation=validation.ValidationConfig(**run["validation"]) if run.get("validation") else None,
         )
         tensors = {k: v.detach().clone().contiguous() for k, v in inject.named_lora_tensors(api.unet).items()}
         inject.remove_adapter(api.unet)
         inject.remove_adapter(api.text_encoder)
         save_file(tensors, out / f"{run['name']}.rank{rank}.safetensors")
-        summary = {"losses": result.losses, "steps_done": result.steps_done, "resumed_from": result.resumed_from}
+        summary = {
+            "losses": result.losses,
+            "steps_done": result.steps_done,
+            "resumed_from": result.resumed_from,
+            "validation": result.validation,
+        }
         (out / f"{run['name']}.rank{rank}.json").write_text(json.dumps({**summary, **log}))
     dist.destroy_process_group()
 

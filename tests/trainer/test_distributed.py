@@ -24,6 +24,7 @@ from lora_workbench.trainer.dataset import DatasetOptions, load_image_folder
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).with_name("ddp_job.py")
 PER_RANK_BATCH, WORLD = 2, 2
+VALIDATION = dict(every=3, hold_out=0)  # hold_out 0: the run trains as "full" does
 
 
 def _settings(batch_size: int, **kw) -> dict:
@@ -93,6 +94,7 @@ def job(tmp_path_factory):
         dict(name="full", checkpoint_dir=str(tmp / "full"), **common),
         dict(name="stopped", checkpoint_dir=str(tmp / "stopped"), stop_at=3, **common),
         dict(name="resumed", checkpoint_dir=str(tmp / "resumed"), copy_from=str(tmp / "stopped"), **common),
+        dict(name="validated", validation=VALIDATION, **common),
         dict(
             name="failing",
             checkpoint_dir=str(tmp / "failing"),
@@ -114,6 +116,19 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(job, model_api):
     _assert_close(rank0, tensors, "2 ranks x batch 2 vs 1 process x batch 4")
     # The loss reported is the global batch's (the mean over the ranks' equal shares).
     assert log0["losses"] == pytest.approx(single.losses, rel=1e-5)
+
+
+def test_rank_0_evaluates_and_every_rank_gets_its_validation_losses(job, model_api):
+    from lora_workbench.trainer import validation
+
+    tmp, _ = job
+    (rank0, log0), (rank1, log1) = _ranks(tmp, "validated")
+    (full, _), _ = _ranks(tmp, "full")
+    assert all(torch.equal(rank0[k], full[k]) for k in full), "validation leaves training as it was"
+    assert log0["validation"] == log1["validation"] and [s for s, _ in log0["validation"]] == [0, 3, 6]
+    single, _ = _train_one(model_api, tmp, cache_dir=tmp, validation=validation.ValidationConfig(**VALIDATION))
+    # The same model up to the reduction order of the gradients (see _assert_close): equal to 1e-5.
+    assert [v for _, v in log0["validation"]] == pytest.approx([v for _, v in single.validation], rel=1e-5)
 
 
 def test_only_rank_0_writes_and_class_images_and_latents_are_made_once(job):
