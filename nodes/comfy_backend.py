@@ -477,27 +477,26 @@ class ComfyModelApi:
             encoded = self.clip.encode_from_tokens(self.clip.tokenize(text), return_dict=True)
             return [[encoded.pop("cond"), encoded]]
 
+        images = self.sample_images(self.model, conditioning(prompt), conditioning(""), n, seed, size, steps, 6.0)
+        return images.movedim(-1, 1)
+
+    @torch.no_grad()
+    def sample_images(self, patcher, positive, negative, n: int, seed: int, size: int, steps: int, cfg: float):
+        """Return ``n`` images ``(n, size, size, 3)`` in [0, 1] sampled by ComfyUI (Euler, normal schedule) from
+        ``patcher`` with ComfyUI conditionings, from the noise of ``seed``, decoded by the graph's VAE.
+
+        Flow models (Flux, SD3) are sampled without classifier-free guidance (``cfg`` is then 1).
+        """
         factor = getattr(self.vae, "downscale_ratio", 8)
         factor = factor if isinstance(factor, int) else 8
-        latent = torch.zeros(n, self._latent_format.latent_channels, size // factor, size // factor)
+        side = max(1, size // factor)
+        latent = torch.zeros(n, self._latent_format.latent_channels, side, side)
         noise = comfy.sample.prepare_noise(latent, seed)
-        # Flow models (Flux, SD3) are sampled without classifier-free guidance here; DDPM ones with CFG 6.
-        cfg = 1.0 if self.schedule.prediction_type == "flow" else 6.0
+        cfg = 1.0 if self.schedule.prediction_type == "flow" else cfg
         samples = comfy.sample.sample(
-            self.model,
-            noise,
-            steps,
-            cfg,
-            "euler",
-            "normal",
-            conditioning(prompt),
-            conditioning(""),
-            latent,
-            seed=seed,
-            disable_pbar=True,
+            patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, disable_pbar=True
         )
-        images = self.vae.decode(samples)
-        return images.movedim(-1, 1).clamp(0, 1).float()
+        return self.vae.decode(samples).clamp(0, 1).float()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -12,7 +12,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import comfy.sample
 import folder_paths
 import numpy as np
 import torch
@@ -21,8 +20,6 @@ from PIL import Image
 
 from ..trainer.validation import DEFAULT_DRAWS, ValidationConfig
 from .types import CATEGORY_TRAINING, Previews
-
-PREVIEW_SAMPLER, PREVIEW_SCHEDULER = "euler", "normal"
 
 
 @dataclass(frozen=True)
@@ -54,39 +51,22 @@ def preview_prompts(prompt: str, trigger: str, template_prompt: str) -> tuple[st
 def sample_previews(api, prompts: list[str], settings: PreviewSettings) -> torch.Tensor:
     """Return images ``(len(prompts), H, W, 3)`` in [0, 1] sampled by ComfyUI on the model as it is now.
 
-    Same sampler path as class images (``comfy.sample.sample`` on the training ModelPatcher, whose diffusion model
-    holds the live LoRA layers), with the fixed ``settings.seed``: two previews differ only by the LoRA. The
-    prompts go through ``api.encode_prompts``, so a training text encoder's LoRA takes part too. Flow models are
-    sampled without classifier-free guidance (cfg 1), as class images are.
+    Same sampler path as class images (``ComfyModelApi.sample_images``), on the training ModelPatcher, whose
+    diffusion model holds the live LoRA layers, with the fixed ``settings.seed``: two previews differ only by the
+    LoRA. The prompts go through ``api.encode_prompts``, so a training text encoder's LoRA takes part too.
     """
-    factor = getattr(api.vae, "downscale_ratio", 8)
-    factor = factor if isinstance(factor, int) else 8
-    side = max(1, settings.size // factor)
-    latent = torch.zeros(1, api.base.latent_format.latent_channels, side, side)
-    cfg = 1.0 if api.schedule.prediction_type == "flow" else settings.cfg
 
     def conditioning(text):
         cond = dict(api.encode_prompts([text]))
         return [[cond.pop("cross_attn"), cond]]
 
     negative = conditioning("")
-    images = []
-    for text in prompts:
-        noise = comfy.sample.prepare_noise(latent, settings.seed)
-        samples = comfy.sample.sample(
-            api.source,
-            noise,
-            settings.steps,
-            cfg,
-            PREVIEW_SAMPLER,
-            PREVIEW_SCHEDULER,
-            conditioning(text),
-            negative,
-            latent,
-            seed=settings.seed,
-            disable_pbar=True,
-        )
-        images.append(api.vae.decode(samples).clamp(0, 1).float().cpu())
+    images = [
+        api.sample_images(
+            api.source, conditioning(text), negative, 1, settings.seed, settings.size, settings.steps, settings.cfg
+        ).cpu()
+        for text in prompts
+    ]
     return torch.cat(images)
 
 

@@ -88,29 +88,6 @@ LABELS = {
     "custom_targets": "custom layers",
 }
 
-# Shown up front: what a first run needs. Everything else sits behind the node's "Show advanced" (frontends that
-# support it); the order of inputs stays as it was, since saved workflows list widget values in that order.
-ADVANCED = {
-    "alpha",
-    "target",
-    "class_prompt",
-    "num_class_images",
-    "prior_loss_weight",
-    "class_images_dir",
-    "precision",
-    "gradient_checkpointing",
-    "checkpoint_every",
-    "lr_scheduler",
-    "warmup_steps",
-    "grad_accumulation",
-    "min_snr_gamma",
-    "noise_offset",
-    "timestep_sampling",
-    "te_learning_rate",
-    "custom_targets",
-    "offload",
-}
-
 
 def rate_text(rate: float) -> str:
     """Return a learning rate as the Train node shows it: ``1e-4`` for 0.0001, ``0`` for 0."""
@@ -176,6 +153,22 @@ OPTIONAL_SETTINGS = (
     "custom_targets",
     "offload",
 )
+
+
+# Shown up front: what a first run needs. Everything else sits behind the node's "Show advanced" (frontends that
+# support it); the order of inputs stays as it was, since saved workflows list widget values in that order.
+ADVANCED = {
+    "alpha",
+    "target",
+    "class_prompt",
+    "num_class_images",
+    "prior_loss_weight",
+    "class_images_dir",
+    "precision",
+    "gradient_checkpointing",
+    "checkpoint_every",
+    *OPTIONAL_SETTINGS,
+}
 
 
 class ImageFolderDatasetNode(io.ComfyNode):
