@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from _common import StepClock, core_layers, fmt_spread, header, ratio_spread, settings_table
+from bench_train_memory import train_comfy_side
 
 RANK = 8
 ALPHA = 1.0  # core fixes alpha 1.0 for a new LoRA; ours takes it as a setting
@@ -78,7 +79,7 @@ def _settings(targets: str, ours_layers: int, skipped: list[str], core_lora_laye
 
 def _child(side: str, configs: list, steps: int, targets: str) -> None:
     """Run every configuration once for ``side``; print one JSON line per configuration."""
-    from lora_workbench.headless import comfy_compat, comfy_env, examples
+    from lora_workbench.headless import comfy_env, examples
 
     base = comfy_env.import_comfy_core(Path(tempfile.mkdtemp(prefix="bench_train_")))
     atexit.register(shutil.rmtree, base, ignore_errors=True)  # its models, inputs, checkpoints
@@ -110,48 +111,23 @@ def _child(side: str, configs: list, steps: int, targets: str) -> None:
         clock.reset()
         items.clear()
         started = time.perf_counter()
-        if side == "core":
-            node = runtime.node_classes["TrainLoraNode"]
-            with torch.inference_mode():
-                latents = [{"samples": vae.encode(e.pixels.movedim(0, -1)[None])} for e in dataset.examples]
-                # One conditioning per image (is_input_list: a list of inputs, each a CONDITIONING)
-                positive = [clip.encode_from_tokens_scheduled(clip.tokenize(e.caption)) for e in dataset.examples]
-                inputs = comfy_compat.input_defaults(node)
-                inputs.update(
-                    batch_size=batch,
-                    grad_accumulation_steps=1,
-                    steps=WARMUP + steps,
-                    learning_rate=LR,
-                    rank=RANK,
-                    optimizer="AdamW",
-                    loss_function="MSE",
-                    seed=0,
-                    training_dtype="fp32",
-                    lora_dtype="fp32",
-                    gradient_checkpointing=False,
-                )
-                args = {k: [v] for k, v in inputs.items()}
-                node.execute(model=[model], latents=latents, positive=positive, **args)
-        else:
-            node = runtime.node_classes["LoraWorkbenchTrain"]
-            with torch.inference_mode():
-                node.execute(
-                    model=model,
-                    clip=clip,
-                    vae=vae,
-                    dataset=dataset,
-                    run_name=f"bench_{size}_{batch}",
-                    resume=False,
-                    steps=WARMUP + steps,
-                    rank=RANK,
-                    alpha=ALPHA,
-                    batch_size=batch,
-                    learning_rate=LR,
-                    precision="fp32",
-                    gradient_checkpointing=False,
-                    seed=0,
-                    custom_targets=",".join(layers) if targets == "core" else "",
-                )
+        # Both nodes run as the memory benchmark runs them (core gets encoded latents and conditioning, one per image).
+        train_comfy_side(
+            runtime,
+            side,
+            model,
+            clip,
+            vae,
+            dataset,
+            steps=WARMUP + steps,
+            rank=RANK,
+            batch=batch,
+            on_start=lambda: None,
+            lr=LR,
+            alpha=ALPHA,
+            custom_targets=",".join(layers) if side != "core" and targets == "core" else "",
+            run_name=f"bench_{size}_{batch}",
+        )
         call = time.perf_counter() - started
         out = {"side": side, "size": size, "batch": batch, "s_per_step": clock.seconds_per_step(WARMUP)}
         out.update(call_s=call, trainable=clock.trainable, unet_items=max(items))
